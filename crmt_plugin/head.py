@@ -1,0 +1,224 @@
+"""The re-parameterised fusion head of CRMT.
+
+    h(x) = sum_m a^(m) * (W~^(m) phi^(m)(x^(m))) + b
+
+* ``W~^(m)`` (K, d_m) has orthonormal rows (``W~ W~^T = I_K``) when K <= d_m. It is computed from a
+  free matrix ``V^(m)`` by a QR factorisation of ``V^(m)^T`` (Gram-Schmidt of the rows, signs fixed
+  so the map is smooth). When K > d_m orthonormal rows are impossible: the rows are only normalised
+  to unit length (``orthonormal_rows[m]`` is False and the tighter certificate is not used).
+* ``a^(m)`` (K,) are the class-wise integration weights, kept non-negative by a softplus:
+  ``a = softplus(alpha)``.
+* ``b`` (K,) is the shared bias.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import CRMTError
+
+__all__ = ["CRMTHead"]
+
+_MIN_INTEGRATION = 1e-6
+
+
+def _inverse_softplus(a: Tensor) -> Tensor:
+    a = a.clamp_min(_MIN_INTEGRATION)
+    # log(expm1(a)), written stably for large a.
+    return a + torch.log(-torch.expm1(-a))
+
+
+def orthonormalize_rows(v: Tensor) -> Tensor:
+    """Rows of ``v`` (K, d), K <= d, made orthonormal by QR; smooth and differentiable.
+
+    ``W~ = (Q diag(sign(diag R)))^T`` where ``V^T = Q R``; equals ``v`` when ``v`` already has
+    orthonormal rows.
+    """
+    q, r = torch.linalg.qr(v.transpose(0, 1), mode="reduced")  # q: (d, K), r: (K, K)
+    signs = torch.where(torch.diagonal(r) >= 0, 1.0, -1.0).to(q.dtype)
+    return (q * signs).transpose(0, 1)
+
+
+def normalize_rows(v: Tensor) -> Tensor:
+    """Rows of ``v`` (K, d) scaled to unit l2 norm (the K > d fallback)."""
+    return v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class CRMTHead(nn.Module):
+    """Drop-in replacement of a fusion ``nn.Linear(sum_m d_m, K)``.
+
+    Called like the linear it replaces, on the concatenated features (B, sum_m d_m), it returns the
+    fused logits (B, K) and keeps the uni-modal logits z^(m) (B, K) and features phi^(m) (B, d_m)
+    of the last call for :class:`~crmt_plugin.CRMTWrapper` to collect.
+
+    Example::
+
+        >>> head = CRMTHead.from_linear(nn.Linear(5 + 3, 4), {"audio": 5, "image": 3})
+        >>> head(torch.randn(2, 8)).shape
+        torch.Size([2, 4])
+        >>> head.integration_weights().shape        # a, (M, K)
+        torch.Size([2, 4])
+
+    Parameters are ``directions.<name>`` (V^(m), (K, d_m)), ``integration.<name>`` (alpha^(m),
+    (K,), a = softplus(alpha)) and ``bias`` (K,); a head built from a bias-free linear keeps a zero
+    ``bias`` buffer instead.
+    """
+
+    def __init__(
+        self,
+        modalities: Mapping[str, int],
+        num_classes: int,
+        *,
+        bias: bool = True,
+        integration_init: float = 0.1,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if len(modalities) < 2:
+            raise CRMTError(
+                f"CRMT needs at least 2 modalities, got {len(modalities)}: {list(modalities)}"
+            )
+        if num_classes < 2:
+            raise CRMTError(f"CRMT needs at least 2 classes, got num_classes={num_classes}")
+        for name, width in modalities.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise CRMTError(
+                    f"modality names must be non-empty strings without '.', got {name!r}"
+                )
+            if not isinstance(width, int) or width < 1:
+                raise CRMTError(f"feature width of modality {name!r} must be a positive int, got {width!r}")
+        if integration_init <= 0:
+            raise CRMTError(f"integration_init must be > 0, got {integration_init}")
+        self.widths: "OrderedDict[str, int]" = OrderedDict(modalities)
+        self.num_classes = int(num_classes)
+        kw = {"dtype": dtype, "device": device}
+        self.directions = nn.ParameterDict(
+            {
+                name: nn.Parameter(
+                    orthonormalize_rows(torch.randn(num_classes, d, **kw))
+                    if num_classes <= d
+                    else normalize_rows(torch.randn(num_classes, d, **kw))
+                )
+                for name, d in self.widths.items()
+            }
+        )
+        init = _inverse_softplus(torch.full((num_classes,), float(integration_init), **kw))
+        self.integration = nn.ParameterDict(
+            {name: nn.Parameter(init.clone()) for name in self.widths}
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(num_classes, **kw))
+        else:
+            self.register_buffer("bias", torch.zeros(num_classes, **kw))
+        self._last: Optional[Dict[str, Dict[str, Tensor]]] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, modalities: Mapping[str, int], *, integration_init: Optional[float] = None
+    ) -> "CRMTHead":
+        """The CRMT head closest to a trained joint-training head.
+
+        For each block W^(m) (K, d_m) of ``linear.weight``: W~^(m) is its orthonormal polar factor
+        (the orthonormal matrix nearest to W^(m)), and a_k^(m) = <W_k^(m), W~_k^(m)> >= 0 the
+        least-squares scale of each row (K > d_m: W~ = row-normalised W, a = row norms, exact).
+        ``b`` is copied. With ``integration_init`` given, every a is set to that value instead.
+        """
+        weight = linear.weight.detach()
+        head = cls(
+            modalities,
+            weight.shape[0],
+            bias=linear.bias is not None,
+            integration_init=integration_init or 0.1,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        with torch.no_grad():
+            for name, block in zip(head.widths, torch.split(weight, list(head.widths.values()), dim=1)):
+                if head.orthonormal_rows[name]:
+                    u, _, vh = torch.linalg.svd(block.double(), full_matrices=False)
+                    direction = (u @ vh).to(block.dtype)
+                    scale = (block * direction).sum(dim=1)
+                else:
+                    scale = torch.linalg.vector_norm(block, dim=1)
+                    direction = normalize_rows(block)
+                head.directions[name].copy_(direction)
+                if integration_init is None:
+                    head.integration[name].copy_(_inverse_softplus(scale))
+            if linear.bias is not None:
+                head.bias.copy_(linear.bias.detach())
+        return head
+
+    # ------------------------------------------------------------------ views
+    @property
+    def modalities(self) -> tuple:
+        """Modality names, in the order the concatenated features hold them."""
+        return tuple(self.widths)
+
+    @property
+    def orthonormal_rows(self) -> Dict[str, bool]:
+        """Per modality: True when W~^(m) has orthonormal rows (K <= d_m), False for unit-norm rows."""
+        return {name: self.num_classes <= d for name, d in self.widths.items()}
+
+    def unimodal_weight(self, name: str) -> Tensor:
+        """W~^(m) (K, d_m): orthonormal rows (K <= d_m) or unit-norm rows (K > d_m)."""
+        v = self.directions[name]
+        return orthonormalize_rows(v) if self.num_classes <= v.shape[1] else normalize_rows(v)
+
+    def integration_weights(self) -> Tensor:
+        """a (M, K), non-negative, rows in modality order."""
+        return torch.stack([F.softplus(self.integration[name]) for name in self.widths])
+
+    def fused_weight(self) -> Tensor:
+        """The equivalent plain weight (K, sum_m d_m): concat_m a^(m)[:, None] * W~^(m)."""
+        a = self.integration_weights()
+        return torch.cat(
+            [a[i, :, None] * self.unimodal_weight(name) for i, name in enumerate(self.widths)], dim=1
+        )
+
+    @property
+    def in_features(self) -> int:
+        return sum(self.widths.values())
+
+    @property
+    def out_features(self) -> int:
+        return self.num_classes
+
+    # ------------------------------------------------------------------ forward
+    def split_features(self, features: Tensor) -> Dict[str, Tensor]:
+        """(B, sum_m d_m) -> {name: (B, d_m)}."""
+        if features.shape[-1] != self.in_features:
+            raise CRMTError(
+                f"CRMT head expected concatenated features with last dimension {self.in_features} "
+                f"(widths {dict(self.widths)}), found shape {tuple(features.shape)}"
+            )
+        return dict(zip(self.widths, torch.split(features, list(self.widths.values()), dim=-1)))
+
+    def forward(self, features: Tensor) -> Tensor:
+        parts = self.split_features(features)
+        a = self.integration_weights()
+        unimodal = {name: F.linear(parts[name], self.unimodal_weight(name)) for name in self.widths}
+        fused = self.bias
+        for i, name in enumerate(self.widths):
+            fused = fused + a[i] * unimodal[name]
+        self._last = {"unimodal": unimodal, "features": parts}
+        return fused
+
+    def pop_last(self) -> Dict[str, Dict[str, Tensor]]:
+        """The uni-modal logits and features of the last forward call (and forget them)."""
+        last, self._last = self._last, None
+        if last is None:
+            raise CRMTError(
+                "the CRMT head was not called during the model's forward: check that `head` names "
+                "the fusion layer the model actually uses"
+            )
+        return last
+
+    def extra_repr(self) -> str:
+        return f"modalities={dict(self.widths)}, num_classes={self.num_classes}"

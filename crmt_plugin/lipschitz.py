@@ -1,0 +1,206 @@
+"""Lipschitz constants of the uni-modal logits, and where they come from.
+
+Two shapes are accepted wherever Lipschitz constants are:
+
+* per class, ``values`` (M, K): tau_k^(m), the l2 Lipschitz constant of x^(m) -> z_k^(m);
+* per modality, ``values`` (M,): L^(m), a Lipschitz constant of the encoder x^(m) -> phi^(m)(x^(m)).
+  Because every row of W~^(m) has unit norm, tau_k^(m) <= L^(m); with orthonormal rows it also
+  enables the tighter certificate (see :mod:`crmt_plugin.certify`).
+
+``sound`` says whether the values are guaranteed upper bounds. Estimates from sampled gradients
+(:func:`estimate_lipschitz`) are *lower* estimates of the true constants: certificates built on them
+are estimates, never guarantees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .errors import CRMTError
+
+__all__ = ["LipschitzConstants", "estimate_lipschitz"]
+
+
+@dataclass(frozen=True)
+class LipschitzConstants:
+    """Lipschitz constants for certification.
+
+    Attributes:
+        values: (M, K) per-class constants tau_k^(m), or (M,) per-modality encoder constants L^(m).
+        modalities: the M modality names, in the order of ``values``' rows.
+        sound: True only when every value is a guaranteed upper bound.
+        source: ``"empirical"`` (sampled gradients), ``"declared"`` (stated by the user),
+            ``"bound"`` (computed upper bound, :func:`crmt_plugin.bounds.encoder_bounds`).
+
+    Example::
+
+        >>> lip = LipschitzConstants.declared({"audio": 1.0, "image": 1.0})   # 1-Lipschitz encoders
+        >>> lip.sound, lip.per_class
+        (True, False)
+    """
+
+    values: Tensor
+    modalities: Tuple[str, ...]
+    sound: bool
+    source: str
+
+    def __post_init__(self) -> None:
+        values = self.values
+        if not isinstance(values, Tensor) or not values.is_floating_point():
+            raise CRMTError(f"Lipschitz values must be a floating-point tensor, found {type(values).__name__}")
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+        if values.dim() not in (1, 2) or values.shape[0] != len(self.modalities):
+            raise CRMTError(
+                f"Lipschitz values must have shape (M,) or (M, K) with M = {len(self.modalities)} "
+                f"modalities {list(self.modalities)}, found {tuple(values.shape)}"
+            )
+        if not bool(torch.isfinite(values).all()):
+            raise CRMTError(f"Lipschitz values must be finite, found {values.tolist()}")
+        if bool((values < 0).any()):
+            raise CRMTError(f"Lipschitz values must be >= 0, found {values.tolist()}")
+
+    @property
+    def per_class(self) -> bool:
+        """True for (M, K) per-class constants, False for (M,) per-modality encoder constants."""
+        return self.values.dim() == 2
+
+    @classmethod
+    def declared(cls, bounds: Mapping[str, float], *, sound: bool = True) -> "LipschitzConstants":
+        """Per-modality encoder bounds L^(m) stated by the user (e.g. 1-Lipschitz architectures).
+
+        The certificate is only as sound as the declaration: see docs/reliability.md.
+        """
+        names = tuple(bounds)
+        values = torch.tensor([float(bounds[n]) for n in names], dtype=torch.float64)
+        return cls(values, names, sound=sound, source="declared")
+
+    def per_class_values(self, num_classes: int) -> Tensor:
+        """tau (M, K): the per-class constants, broadcasting per-modality ones (tau_k^(m) <= L^(m))."""
+        if self.per_class:
+            if self.values.shape[1] != num_classes:
+                raise CRMTError(
+                    f"Lipschitz values have K = {self.values.shape[1]} classes, the model has {num_classes}"
+                )
+            return self.values
+        return self.values.unsqueeze(1).expand(-1, num_classes)
+
+    def aligned(self, modalities: Sequence[str]) -> "LipschitzConstants":
+        """The same constants with rows in the given modality order (all modalities required)."""
+        if set(modalities) != set(self.modalities) or len(modalities) != len(self.modalities):
+            raise CRMTError(
+                f"Lipschitz constants are for modalities {list(self.modalities)}, the model has {list(modalities)}"
+            )
+        index = [self.modalities.index(n) for n in modalities]
+        return LipschitzConstants(self.values[index], tuple(modalities), self.sound, self.source)
+
+    def to_dict(self) -> dict:
+        return {"values": self.values.tolist(), "modalities": list(self.modalities),
+                "sound": self.sound, "source": self.source}
+
+
+LipschitzLike = Union[LipschitzConstants, Mapping[str, float]]
+
+
+def as_lipschitz(lipschitz: LipschitzLike) -> LipschitzConstants:
+    """Accept a :class:`LipschitzConstants` or a ``{name: L}`` mapping (declared, sound)."""
+    if isinstance(lipschitz, LipschitzConstants):
+        return lipschitz
+    if isinstance(lipschitz, Mapping):
+        return LipschitzConstants.declared(lipschitz)
+    raise CRMTError(
+        f"lipschitz must be LipschitzConstants or a mapping name -> bound, found {type(lipschitz).__name__}"
+    )
+
+
+def _unimodal_input_gradient_norms(
+    forward: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]],
+    inputs: Mapping[str, Tensor],
+    num_classes: int,
+) -> Tensor:
+    """max over the batch of ||d z_k^(m) / d x^(m)||, shape (M, K), with one vectorised backward.
+
+    ``forward`` maps the inputs to the uni-modal logits {name: (B, K)}. The K backward passes run as
+    one batched (vmapped) backward: cotangent k is the one-hot e_k on every modality's z^(m) at
+    once. This separates modalities because z^(m) depends on x^(m) alone (late fusion) and samples
+    because the model is in eval mode (no cross-sample BatchNorm statistics).
+    """
+    names = list(inputs)
+    leaves = {n: t.detach().requires_grad_(True) for n, t in inputs.items()}
+    with torch.enable_grad():
+        unimodal = forward(leaves)
+        outputs = [unimodal[n] for n in names]
+        batch = outputs[0].shape[0]
+        eye = torch.eye(num_classes, dtype=outputs[0].dtype, device=outputs[0].device)
+        cotangents = [eye.unsqueeze(1).expand(num_classes, batch, num_classes) for _ in outputs]
+        try:
+            grads = torch.autograd.grad(
+                outputs, [leaves[n] for n in names], grad_outputs=cotangents,
+                is_grads_batched=True, allow_unused=True,
+            )
+        except RuntimeError:  # an op without a batching rule: fall back to K backward passes
+            grads_per_class = []
+            for k in range(num_classes):
+                g = torch.autograd.grad(
+                    outputs, [leaves[n] for n in names], grad_outputs=[c[k] for c in cotangents],
+                    retain_graph=k + 1 < num_classes, allow_unused=True,
+                )
+                grads_per_class.append(g)
+            grads = [
+                torch.stack([g[i] if g[i] is not None else torch.zeros_like(leaves[n]) for g in grads_per_class])
+                for i, n in enumerate(names)
+            ]
+    norms = []
+    for name, g in zip(names, grads):
+        if g is None:  # z^(m) does not depend on x^(m) at all
+            norms.append(torch.zeros(num_classes, dtype=torch.float64, device=leaves[name].device))
+            continue
+        per_sample = torch.linalg.vector_norm(g.flatten(2).double(), dim=2)  # (K, B)
+        norms.append(per_sample.amax(dim=1))
+    return torch.stack(norms)  # (M, K)
+
+
+def estimate_lipschitz(
+    crmt,
+    loader: Iterable,
+    *,
+    max_batches: Optional[int] = None,
+    prepare_batch: Optional[Callable] = None,
+    progress: bool = False,
+) -> LipschitzConstants:
+    """Empirical tau_k^(m) = max over the data of ||grad_{x^(m)} z_k^(m)(x)||, shape (M, K).
+
+    Runs the wrapped model in eval mode (restored afterwards), with all K classes in one vectorised
+    backward per batch. Under ``torch.distributed`` the result is the max over all ranks.
+    The result has ``sound=False``: a maximum of sampled gradient norms is a *lower* estimate of the
+    true Lipschitz constant, so radii built on it are estimates, not guarantees.
+
+    Use :meth:`CRMTWrapper.estimate_lipschitz`, which calls this.
+    """
+    from .wrapper import iterate_batches  # local import: wrapper imports this module
+
+    names = crmt.modalities
+    num_classes = crmt.num_classes
+    running: Optional[Tensor] = None
+    was_training = crmt.model.training
+    crmt.model.eval()
+    try:
+        for i, (inputs, _) in enumerate(iterate_batches(loader, prepare_batch, progress, "Lipschitz")):
+            if max_batches is not None and i >= max_batches:
+                break
+            inputs = crmt.check_inputs(inputs)
+            values = _unimodal_input_gradient_norms(lambda x: crmt(x).unimodal, inputs, num_classes)
+            running = values if running is None else torch.maximum(running, values)
+    finally:
+        crmt.model.train(was_training)
+    if running is None:
+        raise CRMTError("estimate_lipschitz got an empty loader: it needs at least one batch")
+    if not bool(torch.isfinite(running).all()):
+        raise CRMTError(f"non-finite gradient norms while estimating Lipschitz constants: {running.tolist()}")
+    from .distributed import all_reduce_max
+
+    running = all_reduce_max(running)
+    return LipschitzConstants(running, tuple(names), sound=False, source="empirical")

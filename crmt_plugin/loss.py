@@ -1,0 +1,209 @@
+"""The CRMT step-1 objective: cross-entropy on the fused logits plus a uni-modal margin regulariser.
+
+    L1 = CE(h(x), y) + rho * log sum_m sum_{k != y} exp( s^(m) (z_k^(m) - z_y^(m)) )
+
+where z^(m) (B, K) are the uni-modal logits and s^(m) is a per-sample scale:
+
+* ``margin="relative"`` (default): s^(m) = temperature / ||phi^(m)(x^(m))||. The margins are measured
+  relative to the feature norm (an angular margin, bounded by sqrt(2) * temperature), so the term
+  cannot be "won" by inflating the features while a^(m) shrinks — the scale degeneracy of the
+  paper's raw form (see docs/method.md).
+* ``margin="raw"``: s^(m) = 1, the paper's formula exactly (unbounded below; pair it with weight
+  decay).
+
+Everything is computed with ``logsumexp`` in at least float32, so logits of any size (and bf16/fp16
+autocast) never overflow.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import CRMTError
+
+__all__ = ["crmt_loss", "margin_loss"]
+
+MarginKind = str  # "relative" | "raw"
+DEFAULT_TEMPERATURE = 10.0
+
+
+def _check_labels(y: Tensor, batch: int, num_classes: int, what: str = "y") -> None:
+    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise CRMTError(f"{what} must be an integer tensor of class indices (B,), found {type(y).__name__} "
+                        f"{getattr(y, 'dtype', '')}")
+    if y.shape != (batch,):
+        raise CRMTError(f"{what} must have shape ({batch},) to match the logits, found {tuple(y.shape)}")
+    if batch and bool(((y < 0) | (y >= num_classes)).any()):
+        bad = y[(y < 0) | (y >= num_classes)][:5].tolist()
+        raise CRMTError(f"{what} holds labels outside [0, {num_classes - 1}] (K = {num_classes}): {bad}")
+
+
+def _stacked_unimodal(out, margin: MarginKind, temperature: float) -> Tensor:
+    """(B, M, K) uni-modal logits, scaled as the margin kind asks, in >= float32."""
+    try:
+        unimodal = out.unimodal
+    except AttributeError:
+        raise CRMTError(
+            f"expected the output of a CRMTWrapper (with .unimodal), found {type(out).__name__}"
+        ) from None
+    z = torch.stack(list(unimodal.values()), dim=1)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    if margin == "raw":
+        return z
+    if margin != "relative":
+        raise CRMTError(f"margin must be 'relative' or 'raw', found {margin!r}")
+    if temperature <= 0:
+        raise CRMTError(f"temperature must be > 0, found {temperature}")
+    norms = torch.stack(
+        [torch.linalg.vector_norm(f.to(z.dtype), dim=-1) for f in out.features.values()], dim=1
+    )  # (B, M)
+    return z * (temperature / norms.clamp_min(torch.finfo(z.dtype).tiny ** 0.5)).unsqueeze(-1)
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise CRMTError(f"reduction must be 'mean', 'sum' or 'none', found {reduction!r}")
+
+
+def _mix_weight(lam: Union[float, Tensor], batch: int, like: Tensor) -> Tensor:
+    lam_t = torch.as_tensor(lam, dtype=like.dtype, device=like.device)
+    if lam_t.dim() == 0:
+        lam_t = lam_t.expand(batch)
+    if lam_t.shape != (batch,):
+        raise CRMTError(f"lam must be a float or a ({batch},) tensor, found shape {tuple(lam_t.shape)}")
+    return lam_t
+
+
+def margin_loss(
+    out,
+    y: Tensor,
+    *,
+    y_b: Optional[Tensor] = None,
+    lam: Union[float, Tensor, None] = None,
+    margin: MarginKind = "relative",
+    temperature: float = DEFAULT_TEMPERATURE,
+    reduction: str = "mean",
+) -> Tensor:
+    """The margin regulariser alone: a smooth max, over modalities and wrong classes, of the negative
+    uni-modal margins.
+
+        margin_loss = log sum_m sum_{k != y} exp( s^(m) (z_k^(m) - z_y^(m)) )
+
+    With mixup (``y_b`` and ``lam``), the target score is lam z_y + (1 - lam) z_{y_b} and both
+    labels are excluded from the sum. A sample with no class left (K = 2 mixing two classes)
+    contributes 0.
+
+    Args:
+        out: a :class:`~crmt_plugin.CRMTOutput` (``out.unimodal[name]`` (B, K), ``out.features``).
+        y: (B,) labels; ``y_b`` (B,) second labels and ``lam`` (float or (B,)) for mixup.
+        margin: ``"relative"`` (scale-free, default) or ``"raw"`` (the paper's formula).
+        temperature: scale of the relative margins (ignored for ``"raw"``).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` ((B,)).
+
+    Example::
+
+        >>> out = crmt(inputs)
+        >>> margin_loss(out, y)                # scalar
+    """
+    z = _stacked_unimodal(out, margin, temperature)  # (B, M, K)
+    batch, _, num_classes = z.shape
+    _check_labels(y, batch, num_classes)
+    excluded = F.one_hot(y, num_classes).bool()
+    if (y_b is None) != (lam is None):
+        raise CRMTError("mixup needs both y_b and lam (or neither)")
+    if y_b is None:
+        target = z.gather(2, y.view(batch, 1, 1).expand(batch, z.shape[1], 1)).squeeze(2)
+    else:
+        _check_labels(y_b, batch, num_classes, "y_b")
+        lam_t = _mix_weight(lam, batch, z).view(batch, 1)
+        index = lambda labels: labels.view(batch, 1, 1).expand(batch, z.shape[1], 1)  # noqa: E731
+        target = lam_t * z.gather(2, index(y)).squeeze(2) + (1 - lam_t) * z.gather(2, index(y_b)).squeeze(2)
+        excluded = excluded | F.one_hot(y_b, num_classes).bool()
+    diff = z - target.unsqueeze(2)  # (B, M, K)
+    floor = torch.finfo(diff.dtype).min
+    diff = diff.masked_fill(excluded.unsqueeze(1), floor)
+    per_sample = torch.logsumexp(diff.flatten(1), dim=1)
+    per_sample = torch.where(excluded.all(dim=1), torch.zeros_like(per_sample), per_sample)
+    return _reduce(per_sample, reduction)
+
+
+def crmt_loss(
+    out,
+    y: Tensor,
+    rho: float = 2.0,
+    *,
+    y_b: Optional[Tensor] = None,
+    lam: Union[float, Tensor, None] = None,
+    margin: MarginKind = "relative",
+    temperature: float = DEFAULT_TEMPERATURE,
+    base_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    reduction: str = "mean",
+    return_terms: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
+    """CRMT step-1 loss: ``base_loss(h, y) + rho * margin_loss(out, y)``.
+
+        L1 = CE(h(x), y) + rho * log sum_m sum_{k != y} exp( s^(m) (z_k^(m) - z_y^(m)) )
+
+    Mixup: pass ``y_b`` and ``lam``; the base loss becomes lam CE(h, y) + (1 - lam) CE(h, y_b).
+
+    Args:
+        out: a :class:`~crmt_plugin.CRMTOutput`; ``out.logits`` (B, K) are the fused logits.
+        y: (B,) integer labels.
+        rho: weight of the margin term, >= 0 (reference: 2.0).
+        base_loss: per-sample or reduced loss on the fused logits, ``f(logits, y)``; default
+            cross-entropy. Use it to put CRMT on top of any objective.
+        return_terms: also return ``{"base": ..., "margin": ..., "total": ...}`` (detached, for
+            logging).
+
+    Returns:
+        the loss (scalar for ``reduction="mean"``), or ``(loss, terms)``.
+
+    Example::
+
+        >>> out = crmt(inputs)
+        >>> loss = crmt_plugin.crmt_loss(out, y, rho=2.0)
+        >>> loss, terms = crmt_plugin.crmt_loss(out, y, return_terms=True)   # terms["margin"]
+    """
+    if not isinstance(rho, (int, float)) or rho < 0:
+        raise CRMTError(f"rho must be a number >= 0, found {rho!r}")
+    logits = out.logits
+    batch = logits.shape[0]
+    _check_labels(y, batch, logits.shape[-1])
+
+    def base(labels: Tensor) -> Tensor:
+        if base_loss is None:
+            return F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
+                                   labels, reduction="none")
+        value = base_loss(logits, labels)
+        return value.expand(batch) if value.dim() == 0 and reduction == "none" else value
+
+    if y_b is None:
+        base_term = base(y)
+    else:
+        _check_labels(y_b, batch, logits.shape[-1], "y_b")
+        if lam is None:
+            raise CRMTError("mixup needs both y_b and lam (or neither)")
+        base_a, base_b = base(y), base(y_b)
+        lam_t = _mix_weight(lam, batch, base_a) if base_a.dim() else torch.as_tensor(lam).mean()
+        base_term = lam_t * base_a + (1 - lam_t) * base_b
+    base_term = _reduce(base_term, reduction) if base_term.dim() else base_term
+    if rho == 0:
+        margin_term = torch.zeros_like(base_term)
+    else:
+        margin_term = margin_loss(
+            out, y, y_b=y_b, lam=lam, margin=margin, temperature=temperature, reduction=reduction
+        )
+    total = base_term + rho * margin_term
+    if return_terms:
+        return total, {"base": base_term.detach(), "margin": margin_term.detach(), "total": total.detach()}
+    return total
