@@ -58,12 +58,14 @@ class Certificate:
     source: str
 
     def certified_accuracy(self, radii: Sequence[float], modality: Optional[str] = None) -> Tensor:
-        """Fraction of samples whose (joint or one modality's) radius is >= each r: (len(radii),)."""
+        """Fraction of samples classified correctly with (joint or one modality's) radius >= each r:
+        (len(radii),). Misclassified samples are never certified, not even at r = 0."""
         radius = self.radius if modality is None else self.radius_per_modality[modality]
         thresholds = torch.as_tensor(list(radii), dtype=radius.dtype, device=radius.device)
         if radius.numel() == 0:
             return torch.zeros_like(thresholds)
-        return (radius.unsqueeze(0) >= thresholds.unsqueeze(1)).to(radius.dtype).mean(dim=1)
+        certified = (radius.unsqueeze(0) >= thresholds.unsqueeze(1)) & self.correct.unsqueeze(0)
+        return certified.to(radius.dtype).mean(dim=1)
 
 
 def resolve_denominator(denominator: str, lipschitz: LipschitzConstants) -> str:

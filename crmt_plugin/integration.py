@@ -8,7 +8,8 @@ once (eval mode, no grad) and step 2 runs on that cache:
 where r is the joint certified radius of :mod:`crmt_plugin.certify` (0 for misclassified samples, as
 in the paper's L2 = -mean r). The a with the best mean certified radius over the epochs is kept —
 step 2 never lowers the mean radius on the data it is given. Under ``torch.distributed`` the objective and
-the best-epoch choice are averaged over all ranks' samples.
+the best-epoch choice are averaged over all ranks' samples (every rank must call it; a rank may hold
+fewer samples, or none; ``batch_size`` is per rank), and an error on any rank is raised on all.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .certify import radii_from_unimodal, resolve_denominator
-from .distributed import all_reduce_max, all_reduce_sum
+from .distributed import all_reduce_max, all_reduce_sum, is_distributed, raise_on_every_rank
 from .errors import CRMTError
 from .lipschitz import LipschitzLike, as_lipschitz
 
@@ -48,36 +49,51 @@ class IntegrationResult:
     history: List[float] = field(default_factory=list)
 
 
-def cache_unimodal_logits(
-    crmt, loader: Iterable, *, prepare_batch=None, progress: bool = False
-) -> Tuple[Tensor, Tensor]:
-    """Run the encoders once in eval mode: z (N, M, K) uni-modal logits and y (N,) labels.
+def _cache(crmt, loader: Iterable, prepare_batch, progress: bool) -> Tuple[Tensor, Tensor, int]:
+    """z (N, M, K) float64, y (N,) and the number of samples with non-finite z; N may be 0."""
+    from .wrapper import iterate_batches, no_autocast, non_finite_samples
 
-    The model's train/eval mode is restored; nothing in the model changes.
-    """
-    from .wrapper import iterate_batches
-
-    zs, ys = [], []
+    zs, ys, bads = [], [], []
     was_training = crmt.model.training
     crmt.model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), no_autocast(crmt._device()):
             for inputs, y in iterate_batches(loader, prepare_batch, progress, "caching logits"):
                 inputs, y = crmt._to_device(inputs, y)
                 out = crmt(inputs)
                 zs.append(torch.stack([out.unimodal[n] for n in crmt.modalities], dim=1).double())
                 ys.append(y)
+                bads.append(non_finite_samples(inputs, zs[-1].shape[0], zs[-1].device))
     finally:
         crmt.model.train(was_training)
-    if not zs:
-        raise CRMTError("step 2 got an empty loader: it needs at least one batch")
-    z, y = torch.cat(zs), torch.cat(ys)
-    bad = ~torch.isfinite(z).flatten(1).all(dim=1)
-    if bool(bad.any()):
-        raise CRMTError(
-            f"{int(bad.sum())} of {z.shape[0]} samples have non-finite uni-modal logits; step 2 refuses "
-            "to fit a^(m) on them (check the inputs for NaN/Inf)"
-        )
+    if zs:
+        z, y, bad_inputs = torch.cat(zs), torch.cat(ys), torch.cat(bads)
+    else:
+        device = crmt._device()
+        z = torch.zeros(0, len(crmt.modalities), crmt.num_classes, dtype=torch.float64, device=device)
+        y = torch.zeros(0, dtype=torch.long, device=device)
+        bad_inputs = torch.zeros(0, dtype=torch.bool, device=device)
+    bad = int(((~torch.isfinite(z).flatten(1).all(dim=1)) | bad_inputs).sum())
+    return z, y, bad
+
+
+def _non_finite_message(bad: int, total: int) -> str:
+    return (f"{bad} of {total} samples have non-finite inputs or uni-modal logits; step 2 refuses to fit "
+            "a^(m) on them (check the inputs for NaN/Inf)")
+
+
+def cache_unimodal_logits(
+    crmt, loader: Iterable, *, prepare_batch=None, progress: bool = False
+) -> Tuple[Tensor, Tensor]:
+    """Run the encoders once in eval mode: z (N, M, K) uni-modal logits and y (N,) labels.
+
+    The model's train/eval mode is restored; nothing in the model changes. Local to this process.
+    """
+    z, y, bad = _cache(crmt, loader, prepare_batch, progress)
+    if z.shape[0] == 0:
+        raise CRMTError("step 2 got an empty loader: it needs at least one sample")
+    if bad:
+        raise CRMTError(_non_finite_message(bad, z.shape[0]))
     return z, y
 
 
@@ -118,21 +134,49 @@ def fit_integration(
         >>> result.mean_radius_after >= result.mean_radius_before
         True
     """
+    from .wrapper import no_autocast
+
+    with no_autocast(crmt._device()):  # step 2 in float64 on the model's own logits, never bf16/fp16
+        return _fit_integration(crmt, loader, lipschitz, epochs, lr, batch_size, optimizer, denominator,
+                                generator, prepare_batch, progress)
+
+
+def _fit_integration(crmt, loader, lipschitz, epochs, lr, batch_size, optimizer, denominator, generator,
+                     prepare_batch, progress) -> IntegrationResult:
     if epochs < 0 or batch_size < 1:
         raise CRMTError(f"epochs must be >= 0 and batch_size >= 1, found epochs={epochs}, batch_size={batch_size}")
     head = crmt.head
     lip = as_lipschitz(lipschitz).aligned(crmt.modalities)
     kind = resolve_denominator(denominator, lip)
-    z, y = cache_unimodal_logits(crmt, loader, prepare_batch=prepare_batch, progress=progress)
+    with torch.no_grad():
+        a_now = head.integration_weights()
+    if not (bool(torch.isfinite(a_now).all()) and bool(torch.isfinite(head.bias).all())):
+        raise CRMTError(
+            f"the CRMT head has non-finite integration weights a {a_now.tolist()} or bias "
+            f"{head.bias.tolist()}: step 2 cannot start from them (training diverged?)"
+        )
+    # Every rank reaches the same collectives, whatever it holds (no sample, a failure, NaN logits):
+    # an error is raised on all ranks instead of leaving the others waiting.
+    failure: Optional[Exception] = None
+    try:
+        z, y, bad = _cache(crmt, loader, prepare_batch, progress)
+    except Exception as exc:  # noqa: BLE001 - under torch.distributed: raised below, on every rank
+        if not is_distributed():
+            raise
+        failure = exc
+    raise_on_every_rank(failure, crmt._device(), "fit_integration")
+    counts = all_reduce_sum(torch.tensor([float(z.shape[0]), float(bad)], dtype=torch.float64, device=z.device))
+    n_global, bad_global = float(counts[0]), int(counts[1])
+    if n_global == 0:
+        raise CRMTError("step 2 got an empty loader: it needs at least one sample")
+    if bad_global:
+        raise CRMTError(_non_finite_message(bad_global, int(n_global)))
     lip64 = type(lip)(lip.values.to(z), lip.modalities, lip.sound, lip.source)
     bias = head.bias.detach().double()
     gram = crmt.gram_matrices().double() if kind == "tight" else None
     original = {n: head.integration[n].detach().clone() for n in crmt.modalities}
     alpha = torch.stack([original[n] for n in crmt.modalities]).double().requires_grad_(True)
     opt = optimizer([alpha]) if optimizer is not None else torch.optim.Adam([alpha], lr=lr)
-
-    n_local = torch.tensor(float(z.shape[0]), dtype=torch.float64, device=z.device)
-    n_global = float(all_reduce_sum(n_local))
 
     def evaluate(alpha_now: Tensor) -> Tuple[float, float]:
         with torch.no_grad():
@@ -148,7 +192,7 @@ def fit_integration(
     for epoch in range(1, epochs + 1):
         chunks = torch.randperm(z.shape[0], generator=generator).to(z.device).split(batch_size)
         for step in range(steps):
-            index = chunks[step] if step < len(chunks) else chunks[0][:0]
+            index = chunks[step] if step < len(chunks) else torch.zeros(0, dtype=torch.long, device=z.device)
             radius, _, _ = radii_from_unimodal(z[index], F.softplus(alpha), bias, y[index], lip64,
                                                denominator=kind, gram=gram)
             total = radius.sum()

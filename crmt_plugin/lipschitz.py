@@ -174,17 +174,22 @@ def estimate_lipschitz(
     """Empirical tau_k^(m) = max over the data of ||grad_{x^(m)} z_k^(m)(x)||, shape (M, K).
 
     Runs the wrapped model in eval mode (restored afterwards), with all K classes in one vectorised
-    backward per batch. Under ``torch.distributed`` the result is the max over all ranks.
+    backward per batch. Under ``torch.distributed`` the result is the max over all ranks; every rank
+    must call it (a rank with no batches contributes nothing), and an error on any rank is raised on
+    all of them. Empty batches are skipped; an enclosing autocast is disabled.
     The result has ``sound=False``: a maximum of sampled gradient norms is a *lower* estimate of the
     true Lipschitz constant, so radii built on it are estimates, not guarantees.
 
     Use :meth:`CRMTWrapper.estimate_lipschitz`, which calls this.
     """
-    from .wrapper import iterate_batches  # local import: wrapper imports this module
+    from .distributed import all_reduce_max, is_distributed, raise_on_every_rank
+    from .wrapper import iterate_batches, no_autocast, non_finite_modalities  # wrapper imports this module
 
     names = crmt.modalities
     num_classes = crmt.num_classes
+    device = crmt._device()
     running: Optional[Tensor] = None
+    failure: Optional[Exception] = None
     was_training = crmt.model.training
     crmt.model.eval()
     try:
@@ -192,15 +197,32 @@ def estimate_lipschitz(
             if max_batches is not None and i >= max_batches:
                 break
             inputs = crmt.check_inputs(inputs)
-            values = _unimodal_input_gradient_norms(lambda x: crmt(x).unimodal, inputs, num_classes)
+            if next(iter(inputs.values())).shape[0] == 0:  # an empty batch has no gradient to measure
+                continue
+            sick = non_finite_modalities(inputs)
+            if sick:
+                raise CRMTError(f"non-finite inputs (NaN/Inf) of modalities {sick} while estimating Lipschitz "
+                                "constants")
+            with no_autocast(device):  # gradients of the model in its own dtype, not bf16/fp16
+                values = _unimodal_input_gradient_norms(lambda x: crmt(x).unimodal, inputs, num_classes)
             running = values if running is None else torch.maximum(running, values)
+    except Exception as exc:  # noqa: BLE001 - under torch.distributed: raised below, on every rank
+        if not is_distributed():
+            raise
+        failure = exc
     finally:
         crmt.model.train(was_training)
-    if running is None:
-        raise CRMTError("estimate_lipschitz got an empty loader: it needs at least one batch")
-    if not bool(torch.isfinite(running).all()):
-        raise CRMTError(f"non-finite gradient norms while estimating Lipschitz constants: {running.tolist()}")
-    from .distributed import all_reduce_max
-
+    # Every rank reaches the same collectives, whatever it saw (no batch, a failure, NaN).
+    raise_on_every_rank(failure, device, "estimate_lipschitz")
+    local_bad = running is not None and not bool(torch.isfinite(running).all())
+    flags = all_reduce_max(torch.tensor([float(running is not None), float(local_bad)],
+                                        dtype=torch.float64, device=device))
+    if float(flags[0]) == 0:
+        raise CRMTError("estimate_lipschitz got an empty loader: it needs at least one non-empty batch")
+    if float(flags[1]) > 0:
+        where = running.tolist() if local_bad else "on another rank"
+        raise CRMTError(f"non-finite gradient norms while estimating Lipschitz constants: {where}")
+    if running is None:  # this rank saw no data: 0 is neutral for the max (constants are >= 0)
+        running = torch.zeros(len(names), num_classes, dtype=torch.float64, device=device)
     running = all_reduce_max(running)
     return LipschitzConstants(running, tuple(names), sound=False, source="empirical")

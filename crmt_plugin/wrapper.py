@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,28 @@ class CRMTOutput:
     features: Dict[str, Tensor]
 
 
+def _register_output_as_pytree() -> None:
+    """Make :class:`CRMTOutput` a pytree node, so torch utilities that walk a module's output (DDP
+    with ``static_graph=True`` / ``find_unused_parameters=True``, ``torch.export``) see its tensors.
+    Without it DDP's static graph skips the first iteration's gradient all-reduce, silently."""
+    import torch.utils._pytree as pytree
+
+    try:
+        if hasattr(pytree, "register_dataclass"):
+            pytree.register_dataclass(CRMTOutput, serialized_type_name="crmt_plugin.CRMTOutput")
+        else:  # pragma: no cover - torch < 2.2
+            pytree._register_pytree_node(
+                CRMTOutput,
+                lambda out: ([out.logits, out.unimodal, out.features], None),
+                lambda values, _: CRMTOutput(*values),
+            )
+    except ValueError:  # pragma: no cover - already registered (module reloaded)
+        pass
+
+
+_register_output_as_pytree()
+
+
 def iterate_batches(
     loader: Iterable, prepare_batch: Optional[PrepareBatch], progress: bool, desc: str
 ) -> Iterator[Tuple[Inputs, Tensor]]:
@@ -53,6 +76,50 @@ def iterate_batches(
                 "another layout"
             )
         yield batch[0], batch[1]
+
+
+def no_autocast(device: torch.device):
+    """A context that disables autocast on ``device``'s type: Lipschitz estimation, step 2 and
+    certificates run the model in its own dtype, never in an enclosing bf16/fp16 autocast."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # pragma: no cover - a device type without autocast support
+        return contextlib.nullcontext()
+
+
+def _probe(x: Tensor) -> Tensor:
+    """sum(x) as a float64 scalar: non-finite whenever x holds a NaN or an Inf."""
+    x = x.detach()
+    return (x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()).double()
+
+
+def non_finite_modalities(inputs: Inputs) -> List[str]:
+    """Names of the modalities whose floating-point input holds a NaN or an Inf (host syncs)."""
+    return [n for n, x in inputs.items() if x.is_floating_point() and not bool(torch.isfinite(x).all())]
+
+
+def non_finite_samples(inputs: Inputs, batch: int, device: torch.device) -> Tensor:
+    """(batch,) bool: the samples with a NaN or an Inf in any floating-point input."""
+    bad = torch.zeros(batch, dtype=torch.bool, device=device)
+    for x in inputs.values():
+        if x.is_floating_point() and x.dim() >= 1 and x.shape[0] == batch:
+            finite = torch.isfinite(x)
+            bad |= ~(finite.flatten(1).all(dim=1) if finite.dim() > 1 else finite).to(device)
+    return bad
+
+
+def _check_not_data_parallel(model: nn.Module) -> None:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    for name, module in model.named_modules():
+        if isinstance(module, (DistributedDataParallel, DataParallel)):
+            where = f"at {name!r}" if name else "itself"
+            raise CRMTError(
+                f"the model {where} is a {type(module).__name__}: wrap the plain model with CRMTWrapper "
+                "first, then DistributedDataParallel(crmt). DDP registers its gradient hooks on the "
+                "parameters it sees when it is built, so the CRMT head that replaces the fusion "
+                "nn.Linear afterwards would never have its gradients synchronised"
+            )
 
 
 def _resolve(model: nn.Module, path: str) -> Tuple[nn.Module, str, nn.Module]:
@@ -90,8 +157,10 @@ class CRMTWrapper(nn.Module):
         call: how to run the model on an input dict, ``call(model, inputs) -> logits``; default
             ``model(**inputs)``.
         integration_init: initial a^(m) for every class; default: fitted to the existing head.
-        check_finite: raise :class:`CRMTError` when a training forward produces NaN/Inf logits (one
-            host sync per step; turn off for the last few microseconds).
+        check_finite: raise :class:`CRMTError` when a training forward (train mode, grad enabled)
+            sees NaN/Inf inputs or produces NaN/Inf logits (one host sync per step; one graph break
+            under ``torch.compile``: turn it off for ``fullgraph=True``). Inference forwards are never
+            checked; ``certify``, ``estimate_lipschitz`` and ``fit_integration`` always are.
     """
 
     def __init__(
@@ -109,6 +178,7 @@ class CRMTWrapper(nn.Module):
             raise CRMTError(f"model must be a torch.nn.Module, found {type(model).__name__}")
         if not isinstance(modalities, Mapping) or not modalities:
             raise CRMTError(f"modalities must map name -> feature width, found {modalities!r}")
+        _check_not_data_parallel(model)
         parent, attr, linear = _resolve(model, head)
         if isinstance(linear, CRMTHead):
             raise CRMTError(f"head {head!r} is already a CRMT head: the model was wrapped before")
@@ -175,13 +245,18 @@ class CRMTWrapper(nn.Module):
         logits = self._call(self.model, inputs) if self._call is not None else self.model(**inputs)
         last = self.head.pop_last()
         if self.check_finite and self.training and torch.is_grad_enabled():
-            bad = ~torch.isfinite(logits).all(dim=-1)
-            if bool(bad.any()):
-                sick = [n for n, x in inputs.items() if x.is_floating_point() and not bool(torch.isfinite(x).all())]
-                raise CRMTError(
-                    f"{int(bad.sum())} of {logits.shape[0]} samples have non-finite logits; "
-                    f"modalities with NaN/Inf inputs: {sick or 'none (the model itself diverged)'}"
-                )
+            # A sum is NaN/Inf as soon as one element is (and ~100x cheaper than isfinite on CPU); a
+            # non-finite sum of finite values (overflow) is sorted out by the exact check below.
+            probes = [_probe(logits)] + [_probe(x).to(logits.device) for x in inputs.values() if x.is_floating_point()]
+            if not bool(torch.isfinite(torch.stack(probes)).all()):  # one host sync per training step
+                bad = int((~torch.isfinite(logits).all(dim=-1)).sum())
+                sick = non_finite_modalities(inputs)
+                if bad or sick:
+                    raise CRMTError(
+                        f"{bad} of {logits.shape[0]} samples have non-finite logits; modalities with NaN/Inf "
+                        f"inputs: {sick or 'none (the model itself diverged)'}. NaN/Inf inputs are refused even "
+                        "when the model squashes them to finite logits: their gradients are NaN"
+                    )
         return CRMTOutput(logits=logits, unimodal=last["unimodal"], features=last["features"])
 
     def _device(self) -> torch.device:
@@ -216,7 +291,9 @@ class CRMTWrapper(nn.Module):
         lipschitz: LipschitzLike,
         denominator: str = "auto",
     ) -> Certificate:
-        """Certified radii for a batch (eval mode, no grad; the model's mode is restored).
+        """Certified radii for a batch (eval mode, no grad, autocast off; the model's mode is restored).
+
+        Local to the calling process (no collective). An empty batch gives an empty certificate.
 
         Args:
             inputs: {name: (B, ...)}.
@@ -230,8 +307,21 @@ class CRMTWrapper(nn.Module):
             :class:`Certificate` with ``radius`` (B,), ``radius_per_modality`` {name: (B,)},
             ``correct`` (B,), ``sound``.
         """
+        with no_autocast(self._device()):  # certify the model in its own dtype, never bf16/fp16
+            return self._certify(inputs, y, lipschitz, denominator)
+
+    def _certify(self, inputs: Inputs, y: Optional[Tensor], lipschitz: LipschitzLike, denominator: str) -> Certificate:
         lip = as_lipschitz(lipschitz).aligned(self.modalities)
         kind = resolve_denominator(denominator, lip)
+        head = self.head
+        with torch.no_grad():
+            a = head.integration_weights().double()
+            bias = head.bias.double()
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(bias).all())):
+            raise CRMTError(
+                f"the CRMT head has non-finite integration weights a {a.tolist()} or bias {bias.tolist()}: "
+                "no certificate can be given (training diverged?)"
+            )
         was_training = self.model.training
         self.model.eval()
         try:
@@ -245,18 +335,21 @@ class CRMTWrapper(nn.Module):
         from .loss import _check_labels
 
         _check_labels(y, z.shape[0], self.num_classes)
+        sick = non_finite_modalities(inputs)
+        if sick:
+            raise CRMTError(
+                f"the inputs of modalities {sick} hold NaN/Inf: no certificate can be given for them "
+                "(a perturbation ball around a non-finite input means nothing)"
+            )
         if not bool(torch.isfinite(z).all()):
             raise CRMTError(
                 f"{int((~torch.isfinite(z)).flatten(1).any(1).sum())} samples have non-finite uni-modal "
                 "logits: no certificate can be given for them (check the inputs for NaN/Inf)"
             )
-        head = self.head
         with torch.no_grad():
-            a = head.integration_weights().double()
-            bias = head.bias.double()
             gram = self.gram_matrices().double() if kind == "tight" else None
             fused = torch.einsum("bmk,mk->bk", z, a) + bias
-            scale = fused.abs().amax().clamp_min(1.0)
+            scale = fused.abs().amax().clamp_min(1.0) if fused.numel() else 1.0
             if not torch.allclose(fused, out.logits.double(), atol=1e-3 * float(scale), rtol=1e-3):
                 raise CRMTError(
                     "the model's output differs from the CRMT head's fused logits: the model must return "
