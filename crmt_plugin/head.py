@@ -34,19 +34,21 @@ def _inverse_softplus(a: Tensor) -> Tensor:
 
 
 def orthonormalize_rows(v: Tensor) -> Tensor:
-    """Rows of ``v`` (K, d), K <= d, made orthonormal by QR; smooth and differentiable.
+    """Rows of ``v`` (..., K, d), K <= d, made orthonormal by QR; smooth and differentiable.
 
     ``W~ = (Q diag(sign(diag R)))^T`` where ``V^T = Q R``; equals ``v`` when ``v`` already has
-    orthonormal rows.
+    orthonormal rows. Leading dimensions, if any, are a batch. (One QR per modality, not one batched
+    QR over modalities of equal width: measured, batching saves ~7% of the QR at K = 31 but costs
+    ~6% at K >= 101 — see docs/benchmarks.md.)
     """
-    q, r = torch.linalg.qr(v.transpose(0, 1), mode="reduced")  # q: (d, K), r: (K, K)
-    signs = torch.where(torch.diagonal(r) >= 0, 1.0, -1.0).to(q.dtype)
-    return (q * signs).transpose(0, 1)
+    q, r = torch.linalg.qr(v.mT, mode="reduced")  # q: (..., d, K), r: (..., K, K)
+    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) >= 0, 1.0, -1.0).to(q.dtype)
+    return (q * signs.unsqueeze(-2)).mT
 
 
 def normalize_rows(v: Tensor) -> Tensor:
-    """Rows of ``v`` (K, d) scaled to unit l2 norm (the K > d fallback)."""
-    return v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-12)
+    """Rows of ``v`` (..., K, d) scaled to unit l2 norm (the K > d fallback)."""
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class CRMTHead(nn.Module):
@@ -173,7 +175,7 @@ class CRMTHead(nn.Module):
 
     def integration_weights(self) -> Tensor:
         """a (M, K), non-negative, rows in modality order."""
-        return torch.stack([F.softplus(self.integration[name]) for name in self.widths])
+        return F.softplus(torch.stack([self.integration[name] for name in self.widths]))
 
     def fused_weight(self) -> Tensor:
         """The equivalent plain weight (K, sum_m d_m): concat_m a^(m)[:, None] * W~^(m)."""
@@ -202,11 +204,10 @@ class CRMTHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         parts = self.split_features(features)
-        a = self.integration_weights()
         unimodal = {name: F.linear(parts[name], self.unimodal_weight(name)) for name in self.widths}
         fused = self.bias
-        for i, name in enumerate(self.widths):
-            fused = fused + a[i] * unimodal[name]
+        for a_m, name in zip(self.integration_weights().unbind(0), self.widths):
+            fused = torch.addcmul(fused, a_m, unimodal[name])  # fused + a^(m) * z^(m), one op
         self._last = {"unimodal": unimodal, "features": parts}
         return fused
 

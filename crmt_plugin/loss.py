@@ -37,9 +37,11 @@ def _check_labels(y: Tensor, batch: int, num_classes: int, what: str = "y") -> N
                         f"{getattr(y, 'dtype', '')}")
     if y.shape != (batch,):
         raise CRMTError(f"{what} must have shape ({batch},) to match the logits, found {tuple(y.shape)}")
-    if batch and bool(((y < 0) | (y >= num_classes)).any()):
-        bad = y[(y < 0) | (y >= num_classes)][:5].tolist()
-        raise CRMTError(f"{what} holds labels outside [0, {num_classes - 1}] (K = {num_classes}): {bad}")
+    if batch:
+        low, high = torch.aminmax(y)  # one reduction instead of (y < 0) | (y >= K) then any()
+        if int(low) < 0 or int(high) >= num_classes:
+            bad = y[(y < 0) | (y >= num_classes)][:5].tolist()
+            raise CRMTError(f"{what} holds labels outside [0, {num_classes - 1}] (K = {num_classes}): {bad}")
 
 
 def _stacked_unimodal(out, margin: MarginKind, temperature: float) -> Tensor:
@@ -50,19 +52,21 @@ def _stacked_unimodal(out, margin: MarginKind, temperature: float) -> Tensor:
         raise CRMTError(
             f"expected the output of a CRMTWrapper (with .unimodal), found {type(out).__name__}"
         ) from None
+    if margin not in ("relative", "raw"):
+        raise CRMTError(f"margin must be 'relative' or 'raw', found {margin!r}")
     z = torch.stack(list(unimodal.values()), dim=1)
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
     if margin == "raw":
         return z
-    if margin != "relative":
-        raise CRMTError(f"margin must be 'relative' or 'raw', found {margin!r}")
     if temperature <= 0:
         raise CRMTError(f"temperature must be > 0, found {temperature}")
     norms = torch.stack(
         [torch.linalg.vector_norm(f.to(z.dtype), dim=-1) for f in out.features.values()], dim=1
     )  # (B, M)
-    return z * (temperature / norms.clamp_min(torch.finfo(z.dtype).tiny ** 0.5)).unsqueeze(-1)
+    # z * temperature / ||phi||, as one division by (||phi|| / temperature)
+    scale = norms.clamp_min(torch.finfo(z.dtype).tiny ** 0.5).div_(temperature)
+    return z / scale.unsqueeze(-1)
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -115,26 +119,40 @@ def margin_loss(
         >>> out = crmt(inputs)
         >>> margin_loss(out, y)                # scalar
     """
+    if (y_b is None) != (lam is None):
+        raise CRMTError("mixup needs both y_b and lam (or neither)")
     z = _stacked_unimodal(out, margin, temperature)  # (B, M, K)
     batch, _, num_classes = z.shape
     _check_labels(y, batch, num_classes)
-    excluded = F.one_hot(y, num_classes).bool()
-    if (y_b is None) != (lam is None):
-        raise CRMTError("mixup needs both y_b and lam (or neither)")
-    if y_b is None:
-        target = z.gather(2, y.view(batch, 1, 1).expand(batch, z.shape[1], 1)).squeeze(2)
-    else:
+    if y_b is not None:
         _check_labels(y_b, batch, num_classes, "y_b")
-        lam_t = _mix_weight(lam, batch, z).view(batch, 1)
-        index = lambda labels: labels.view(batch, 1, 1).expand(batch, z.shape[1], 1)  # noqa: E731
-        target = lam_t * z.gather(2, index(y)).squeeze(2) + (1 - lam_t) * z.gather(2, index(y_b)).squeeze(2)
-        excluded = excluded | F.one_hot(y_b, num_classes).bool()
-    diff = z - target.unsqueeze(2)  # (B, M, K)
-    floor = torch.finfo(diff.dtype).min
-    diff = diff.masked_fill(excluded.unsqueeze(1), floor)
+    return _reduce(_margin_per_sample(z, y, y_b, lam), reduction)
+
+
+def _margin_per_sample(z: Tensor, y: Tensor, y_b: Optional[Tensor], lam) -> Tensor:
+    """(B,) log sum_m sum_{k excluded} exp(z_k^(m) - target^(m)); labels already checked.
+
+    The label columns are excluded by overwriting them with the dtype's lowest finite value (one
+    ``scatter``, no (B, K) mask is built); a finite floor keeps logsumexp's gradient finite.
+    """
+    batch, num_modalities, num_classes = z.shape
+    index = y.view(batch, 1, 1).expand(batch, num_modalities, 1)
+    floor = torch.finfo(z.dtype).min
+    if y_b is None:
+        diff = (z - z.gather(2, index)).scatter(2, index, floor)  # (B, M, K)
+    else:
+        lam_t = _mix_weight(lam, batch, z).view(batch, 1, 1)
+        index_b = y_b.view(batch, 1, 1).expand(batch, num_modalities, 1)
+        target = lam_t * z.gather(2, index) + (1 - lam_t) * z.gather(2, index_b)
+        diff = (z - target).scatter(2, index, floor).scatter(2, index_b, floor)
     per_sample = torch.logsumexp(diff.flatten(1), dim=1)
-    per_sample = torch.where(excluded.all(dim=1), torch.zeros_like(per_sample), per_sample)
-    return _reduce(per_sample, reduction)
+    # A sample with no class left (K = 1, or K = 2 mixing both classes) contributes 0; for K > 2
+    # (K = 2 without mixup) a class is always left, and no check is needed.
+    if num_classes == 1:
+        per_sample = torch.zeros_like(per_sample)
+    elif num_classes == 2 and y_b is not None:
+        per_sample = torch.where(y != y_b, torch.zeros_like(per_sample), per_sample)
+    return per_sample
 
 
 def crmt_loss(
@@ -176,34 +194,49 @@ def crmt_loss(
     """
     if not isinstance(rho, (int, float)) or rho < 0:
         raise CRMTError(f"rho must be a number >= 0, found {rho!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise CRMTError(f"reduction must be 'mean', 'sum' or 'none', found {reduction!r}")
     logits = out.logits
-    batch = logits.shape[0]
-    _check_labels(y, batch, logits.shape[-1])
+    batch, num_classes = logits.shape[0], logits.shape[-1]
+    _check_labels(y, batch, num_classes)
+    if y_b is not None:
+        _check_labels(y_b, batch, num_classes, "y_b")
+    if (y_b is None) != (lam is None):
+        raise CRMTError("mixup needs both y_b and lam (or neither)")
+    # The margin term first: it validates `out` and `margin` before any work on the base loss.
+    margin_term = None
+    if rho != 0:
+        z = _stacked_unimodal(out, margin, temperature)
+        if z.shape[0] != batch or z.shape[2] != num_classes:
+            raise CRMTError(
+                f"uni-modal logits have shape {tuple(z.shape[:1]) + tuple(z.shape[2:])} per modality, the "
+                f"fused logits {tuple(logits.shape)}"
+            )
+        margin_term = _reduce(_margin_per_sample(z, y, y_b, lam), reduction)
+
+    ce_logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
     def base(labels: Tensor) -> Tensor:
         if base_loss is None:
-            return F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
-                                   labels, reduction="none")
+            return F.cross_entropy(ce_logits, labels, reduction="none")
         value = base_loss(logits, labels)
         return value.expand(batch) if value.dim() == 0 and reduction == "none" else value
 
-    if y_b is None:
-        base_term = base(y)
+    if y_b is None and base_loss is None:
+        base_term = F.cross_entropy(ce_logits, y, reduction=reduction)  # reduced in the same op
     else:
-        _check_labels(y_b, batch, logits.shape[-1], "y_b")
-        if lam is None:
-            raise CRMTError("mixup needs both y_b and lam (or neither)")
-        base_a, base_b = base(y), base(y_b)
-        lam_t = _mix_weight(lam, batch, base_a) if base_a.dim() else torch.as_tensor(lam).mean()
-        base_term = lam_t * base_a + (1 - lam_t) * base_b
-    base_term = _reduce(base_term, reduction) if base_term.dim() else base_term
-    if rho == 0:
+        if y_b is None:
+            base_term = base(y)
+        else:
+            base_a, base_b = base(y), base(y_b)
+            lam_t = _mix_weight(lam, batch, base_a) if base_a.dim() else torch.as_tensor(lam).mean()
+            base_term = lam_t * base_a + (1 - lam_t) * base_b
+        base_term = _reduce(base_term, reduction) if base_term.dim() else base_term
+    if margin_term is None:
         margin_term = torch.zeros_like(base_term)
+        total = base_term + margin_term
     else:
-        margin_term = margin_loss(
-            out, y, y_b=y_b, lam=lam, margin=margin, temperature=temperature, reduction=reduction
-        )
-    total = base_term + rho * margin_term
+        total = torch.add(base_term, margin_term, alpha=rho)
     if return_terms:
         return total, {"base": base_term.detach(), "margin": margin_term.detach(), "total": total.detach()}
     return total
