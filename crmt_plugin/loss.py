@@ -198,6 +198,11 @@ def crmt_loss(
         raise CRMTError(f"reduction must be 'mean', 'sum' or 'none', found {reduction!r}")
     logits = out.logits
     batch, num_classes = logits.shape[0], logits.shape[-1]
+    if batch == 0 and reduction == "mean":
+        raise CRMTError(
+            "crmt_loss got an empty batch (B = 0): its mean is undefined; skip the batch, or use "
+            "reduction='sum' (0, zero gradients) or 'none' ((0,))"
+        )
     _check_labels(y, batch, num_classes)
     if y_b is not None:
         _check_labels(y_b, batch, num_classes, "y_b")

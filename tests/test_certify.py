@@ -124,6 +124,8 @@ def test_vectorised_gradients_equal_one_backward_per_class():
     crmt = CRMTWrapper(model, head="fusion.fc", modalities=model.widths).eval()
     inputs, _ = cnn_batch(batch=10, num_classes=6)
     fast = _unimodal_input_gradient_norms(lambda x: crmt(x).unimodal, inputs, 6)
+    looped = _unimodal_input_gradient_norms(lambda x: crmt(x).unimodal, inputs, 6, vectorize=False)
+    torch.testing.assert_close(fast, looped, rtol=1e-6, atol=1e-8)
     slow = torch.zeros(2, 6, dtype=torch.float64)
     for i, name in enumerate(crmt.modalities):
         for k in range(6):

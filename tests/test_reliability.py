@@ -307,8 +307,6 @@ def test_loss_of_an_empty_batch_sums_to_zero_and_leaves_the_gradients_zero():
     assert all(p.grad is None or not p.grad.any() for p in crmt.parameters())
 
 
-@pytest.mark.xfail(strict=True, reason="crmt_loss (loss.py, not owned here) returns NaN for the mean of an empty "
-                                       "batch, like F.cross_entropy; docs/reliability.md asks for a CRMTError")
 def test_mean_loss_of_an_empty_batch_is_refused():
     crmt = wrap(tanh_model())
     with pytest.raises(CRMTError, match="empty"):
