@@ -374,6 +374,10 @@ def load_av_digits(
     else:
         i_mean, i_std = 0.0, 1.0
     image = ((image - i_mean) / i_std).astype(np.float32)
+    # The valid range as the float32 data sees it: raw 0 and 1 through the very same float32
+    # arithmetic (rounding is monotone), so every stored value lies inside it exactly.
+    ends = ((np.array([0.0, 1.0], dtype=np.float32) - i_mean) / i_std).astype(np.float32)
+    image_low, image_high = float(ends[0]), float(ends[1])
 
     normalization = {
         "audio": Normalization(
@@ -384,8 +388,8 @@ def load_av_digits(
         "image": Normalization(
             mean=torch.full((1, 1, 1), i_mean),
             std=torch.full((1, 1, 1), i_std),
-            low=(0.0 - i_mean) / i_std,
-            high=(1.0 - i_mean) / i_std,
+            low=image_low,
+            high=image_high,
             raw_unit="pixel / 255",
         ),
     }

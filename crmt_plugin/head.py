@@ -78,6 +78,7 @@ class CRMTHead(nn.Module):
         *,
         bias: bool = True,
         integration_init: float = 0.1,
+        orthonormal: bool = True,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
     ) -> None:
@@ -99,12 +100,13 @@ class CRMTHead(nn.Module):
             raise CRMTError(f"integration_init must be > 0, got {integration_init}")
         self.widths: "OrderedDict[str, int]" = OrderedDict(modalities)
         self.num_classes = int(num_classes)
+        self.orthonormal = bool(orthonormal)
         kw = {"dtype": dtype, "device": device}
         self.directions = nn.ParameterDict(
             {
                 name: nn.Parameter(
                     orthonormalize_rows(torch.randn(num_classes, d, **kw))
-                    if num_classes <= d
+                    if self.orthonormal and num_classes <= d
                     else normalize_rows(torch.randn(num_classes, d, **kw))
                 )
                 for name, d in self.widths.items()
@@ -123,7 +125,12 @@ class CRMTHead(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, modalities: Mapping[str, int], *, integration_init: Optional[float] = None
+        cls,
+        linear: nn.Linear,
+        modalities: Mapping[str, int],
+        *,
+        integration_init: Optional[float] = None,
+        orthonormal: bool = True,
     ) -> "CRMTHead":
         """The CRMT head closest to a trained joint-training head.
 
@@ -131,6 +138,8 @@ class CRMTHead(nn.Module):
         (the orthonormal matrix nearest to W^(m)), and a_k^(m) = <W_k^(m), W~_k^(m)> >= 0 the
         least-squares scale of each row (K > d_m: W~ = row-normalised W, a = row norms, exact).
         ``b`` is copied. With ``integration_init`` given, every a is set to that value instead.
+        ``orthonormal=False`` keeps unit-norm rows for every modality: W~ = row-normalised W and
+        a = row norms reproduce the linear head exactly (to certify a trained JT model as it is).
         """
         weight = linear.weight.detach()
         head = cls(
@@ -138,6 +147,7 @@ class CRMTHead(nn.Module):
             weight.shape[0],
             bias=linear.bias is not None,
             integration_init=integration_init or 0.1,
+            orthonormal=orthonormal,
             dtype=weight.dtype,
             device=weight.device,
         )
@@ -165,13 +175,15 @@ class CRMTHead(nn.Module):
 
     @property
     def orthonormal_rows(self) -> Dict[str, bool]:
-        """Per modality: True when W~^(m) has orthonormal rows (K <= d_m), False for unit-norm rows."""
-        return {name: self.num_classes <= d for name, d in self.widths.items()}
+        """Per modality: True when W~^(m) has orthonormal rows (K <= d_m and ``orthonormal``), False
+        for unit-norm rows."""
+        return {name: self.orthonormal and self.num_classes <= d for name, d in self.widths.items()}
 
     def unimodal_weight(self, name: str) -> Tensor:
-        """W~^(m) (K, d_m): orthonormal rows (K <= d_m) or unit-norm rows (K > d_m)."""
+        """W~^(m) (K, d_m): orthonormal rows (K <= d_m) or unit-norm rows (K > d_m, or
+        ``orthonormal=False``)."""
         v = self.directions[name]
-        return orthonormalize_rows(v) if self.num_classes <= v.shape[1] else normalize_rows(v)
+        return orthonormalize_rows(v) if self.orthonormal and self.num_classes <= v.shape[1] else normalize_rows(v)
 
     def integration_weights(self) -> Tensor:
         """a (M, K), non-negative, rows in modality order."""
@@ -222,4 +234,4 @@ class CRMTHead(nn.Module):
         return last
 
     def extra_repr(self) -> str:
-        return f"modalities={dict(self.widths)}, num_classes={self.num_classes}"
+        return f"modalities={dict(self.widths)}, num_classes={self.num_classes}, orthonormal={self.orthonormal}"

