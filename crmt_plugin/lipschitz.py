@@ -140,21 +140,21 @@ def _unimodal_input_gradient_norms(
         batch = outputs[0].shape[0]
         eye = torch.eye(num_classes, dtype=outputs[0].dtype, device=outputs[0].device)
         cotangents = [eye.unsqueeze(1).expand(num_classes, batch, num_classes) for _ in outputs]
-        try:
-            if not vectorize:
-                raise NotImplementedError
-            grads = torch.autograd.grad(
-                outputs, [leaves[n] for n in names], grad_outputs=cotangents,
-                is_grads_batched=True, allow_unused=True,
-            )
-        except (RuntimeError, NotImplementedError):  # one backward per class, on one graph
-            grads_per_class = []
-            for k in range(num_classes):
-                g = torch.autograd.grad(
-                    outputs, [leaves[n] for n in names], grad_outputs=[c[k] for c in cotangents],
-                    retain_graph=k + 1 < num_classes, allow_unused=True,
+        grads = None
+        if vectorize:
+            try:  # retain_graph: the per-class fallback below may still need the graph
+                grads = torch.autograd.grad(
+                    outputs, [leaves[n] for n in names], grad_outputs=cotangents,
+                    is_grads_batched=True, allow_unused=True, retain_graph=True,
                 )
-                grads_per_class.append(g)
+            except RuntimeError:  # an op without a batching rule
+                grads = None
+        if grads is None:  # one backward per class, on the same graph
+            grads_per_class = [
+                torch.autograd.grad(outputs, [leaves[n] for n in names], grad_outputs=[c[k] for c in cotangents],
+                                    retain_graph=k + 1 < num_classes, allow_unused=True)
+                for k in range(num_classes)
+            ]
             grads = [
                 torch.stack([g[i] if g[i] is not None else torch.zeros_like(leaves[n]) for g in grads_per_class])
                 for i, n in enumerate(names)
