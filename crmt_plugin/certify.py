@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from .errors import CRMTError
@@ -85,22 +86,23 @@ def _denominators(
     y: Tensor, a: Tensor, lipschitz: LipschitzConstants, kind: str, gram: Optional[Tensor]
 ) -> Tensor:
     """D (B, M, K): Lipschitz constant of x^(m) -> a_y z_y - a_k z_k, per sample, modality, class."""
-    num_modalities, num_classes = a.shape
-    a_y = a[:, y].transpose(0, 1)  # (B, M)
+    num_classes = a.shape[1]
+    a_y = rearrange(a[:, y], "m b -> b m")
     if kind == "paper":
         tau = lipschitz.per_class_values(num_classes).to(a)
-        return (a_y * tau[:, y].transpose(0, 1)).unsqueeze(2) + (a * tau).unsqueeze(0)
+        tau_y = rearrange(tau[:, y], "m b -> b m")
+        return rearrange(a_y * tau_y, "b m -> b m 1") + rearrange(a * tau, "m k -> 1 m k")
     if gram is None:
         raise CRMTError("the 'tight' denominator needs the Gram matrices of W~ (M, K, K)")
     L = lipschitz.values.to(a)  # (M,)
-    g_yy = gram.diagonal(dim1=1, dim2=2)[:, y].transpose(0, 1)  # (B, M)
+    g_yy = rearrange(gram.diagonal(dim1=1, dim2=2)[:, y], "m b -> b m")
     g_kk = gram.diagonal(dim1=1, dim2=2)  # (M, K)
-    g_yk = gram[:, y, :].transpose(0, 1)  # (B, M, K)
+    g_yk = rearrange(gram[:, y, :], "m b k -> b m k")
     sq = (a_y**2 * g_yy).unsqueeze(2) + (a**2 * g_kk).unsqueeze(0) - 2 * a_y.unsqueeze(2) * a.unsqueeze(0) * g_yk
     # k = y is excluded from every min; a placeholder there keeps sqrt's gradient finite.
     is_label = torch.nn.functional.one_hot(y, num_classes).bool().unsqueeze(1)
     sq = torch.where(is_label, torch.ones_like(sq), sq.clamp_min(0))
-    return L.view(1, num_modalities, 1) * sq.sqrt()
+    return rearrange(L, "m -> 1 m 1") * sq.sqrt()
 
 
 def radii_from_unimodal(
