@@ -31,11 +31,10 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
+import crmt_plugin  # noqa: E402
 from crmt_plugin.attacks import FGM, PGD  # noqa: E402
-from crmt_plugin.certify import Certificate, radii_from_unimodal  # noqa: E402
 from crmt_plugin.datasets import load_av_digits, load_mfeat  # noqa: E402
 from crmt_plugin.evaluation import evaluate_robustness  # noqa: E402
-from crmt_plugin.lipschitz import LipschitzConstants  # noqa: E402
 from crmt_plugin.models import AVDigitsNet, MultiViewMLP  # noqa: E402
 
 # Per-dataset defaults: epochs of step 1, and the l2 radii (normalised input units) of the evaluation.
@@ -225,7 +224,7 @@ class Run:
         certified accuracy (joint and per modality) at each certificate radius."""
         args, joint = self.args, tuple(self.splits.modalities)
         if lipschitz is None:  # a plain joint-training model: certify through its own linear head
-            model = PlainCertifier(model)
+            model = certifiable_copy(model)
             lipschitz = model.estimate_lipschitz(self.train_loader)
         shared = dict(fill=self.fill, seed=args.seed, device=self.device)
         pgd = PGD(1.0, norm="l2", steps=args.eval_steps, restarts=args.eval_restarts, bounds=self.bounds)
@@ -296,66 +295,14 @@ def setup(args: argparse.Namespace, method: str) -> Run:
 # certificates for a plain joint-training model
 
 
-class PlainCertifier(nn.Module):
-    """Certify a plain late-fusion model (``model.features`` + ``model.fusion.fc``) exactly as CRMT
-    certifies its own head, so baselines and CRMT get the same (empirical) certificate.
+def certifiable_copy(model: nn.Module) -> crmt_plugin.CRMTWrapper:
+    """A plain joint-training model, certifiable exactly as CRMT certifies its own head.
 
-    The linear head is written, without changing its logits, as h = sum_m a^(m) * z^(m) + b with
-    z_k^(m) = W_k^(m) phi^(m) / ||W_k^(m)|| (unit-norm rows) and a_k^(m) = ||W_k^(m)||; tau_k^(m) is
-    the largest gradient norm of z_k^(m) over the training data (a lower estimate: ``sound=False``),
-    and the radius is the paper's: min_k m_k / sqrt(sum_m (a_y tau_y + a_k tau_k)^2).
+    ``orthonormal=False`` rewrites the linear head, without changing its logits, as unit-norm rows
+    with their norms as a: h = sum_m a^(m) * z^(m) + b. Works on a deep copy; the model is untouched.
     """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.modalities = tuple(model.feature_dims)
-
-    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        return self.model(inputs)
-
-    def _split_head(self) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
-        fc = self.model.fusion.fc
-        blocks = torch.split(fc.weight.detach(), list(self.model.feature_dims.values()), dim=1)
-        rows = {n: w / w.norm(dim=1, keepdim=True).clamp_min(1e-12) for n, w in zip(self.modalities, blocks)}
-        a = torch.stack([w.norm(dim=1) for w in blocks])  # (M, K)
-        bias = fc.bias.detach() if fc.bias is not None else torch.zeros(fc.out_features, device=a.device)
-        return rows, a, bias
-
-    def _unimodal(self, inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        rows, _, _ = self._split_head()
-        features = self.model.features(inputs)
-        return {n: features[n] @ rows[n].T for n in self.modalities}
-
-    def estimate_lipschitz(self, loader) -> LipschitzConstants:
-        was = self.model.training
-        self.model.eval()
-        device = next(self.model.parameters()).device
-        running = None
-        for inputs, _ in loader:
-            leaves = {n: t.to(device).requires_grad_(True) for n, t in inputs.items()}
-            z = self._unimodal(leaves)
-            k = next(iter(z.values())).shape[1]
-            eye = torch.eye(k, device=device).unsqueeze(1).expand(k, z[self.modalities[0]].shape[0], k)
-            grads = torch.autograd.grad([z[n] for n in self.modalities], [leaves[n] for n in self.modalities],
-                                        grad_outputs=[eye] * len(self.modalities), is_grads_batched=True)
-            norms = torch.stack([g.flatten(2).double().norm(dim=2).amax(dim=1) for g in grads])  # (M, K)
-            running = norms if running is None else torch.maximum(running, norms)
-        self.model.train(was)
-        return LipschitzConstants(running, self.modalities, sound=False, source="empirical")
-
-    @torch.no_grad()
-    def certify(self, inputs: Mapping[str, Tensor], y: Tensor, *, lipschitz: LipschitzConstants) -> Certificate:
-        was = self.model.training
-        self.model.eval()
-        z = self._unimodal(inputs)
-        self.model.train(was)
-        _, a, bias = self._split_head()
-        zs = torch.stack([z[n] for n in self.modalities], dim=1).double()
-        radius, per_modality, correct = radii_from_unimodal(zs, a.double(), bias.double(), y, lipschitz,
-                                                            denominator="paper")
-        return Certificate(radius=radius, correct=correct, sound=False, denominator="paper", source="empirical",
-                           radius_per_modality={n: per_modality[:, i] for i, n in enumerate(self.modalities)})
+    return crmt_plugin.CRMTWrapper(copy.deepcopy(model), head="fusion.fc", modalities=model.feature_dims,
+                                   orthonormal=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,13 +19,12 @@ the training loss (lambda = 0: no penalty). Model selection on the validation sp
 
 How each model is certified:
 
-* JT is certified **directly, with its own head W** (no conversion): fused margin h_y - h_k =
-  sum_m (W_y^(m) - W_k^(m)) phi^(m) + b_y - b_k, so the sound joint radius is
-  min_k m_k / sqrt(sum_m (L^(m) ||W_y^(m) - W_k^(m)||)^2) (`radii_from_unimodal` with a = 1, the raw
-  rows of W and their Gram matrix). The empirical JT radius is the one of examples/common.py
-  (`PlainCertifier`: unit-norm rows, a = row norms, per-class tau, paper denominator). Converting
-  the trained JT head to a CRMT head (`CRMTWrapper` on a copy) is only approximate: the script
-  reports how far the converted logits are from the JT logits.
+* JT is certified **as it is**: `CRMTWrapper(copy, ..., orthonormal=False)` rewrites its head with
+  unit-norm rows and their norms as a, which leaves the logits unchanged; the sound joint radius is
+  then min_k m_k / sqrt(sum_m (L^(m) ||W_y^(m) - W_k^(m)||)^2) ("tight" denominator through the Gram
+  matrix of the rows), the empirical one uses per-class tau and the paper's denominator. Converting
+  the trained JT head to an orthonormal CRMT head (the default `CRMTWrapper`) is only approximate:
+  the script reports how far the converted logits are from the JT logits.
 * CRMT-JT: step 1 once, then step 2 twice on copies - with the empirical constants (the paper's
   recipe; its curve is the dashed one) and with the sound constants (solid curve). Each curve is
   certified with the constants its step 2 optimised for; the table also gives the sound radii of the
@@ -50,7 +49,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +63,11 @@ for path in (os.path.dirname(HERE), HERE):  # the repository (no `pip install -e
 import crmt_plugin  # noqa: E402
 from crmt_plugin.attacks import PGD, margin_loss  # noqa: E402
 from crmt_plugin.bounds import LipschitzPenalty, encoder_bounds  # noqa: E402
-from crmt_plugin.certify import Certificate, radii_from_unimodal  # noqa: E402
+from crmt_plugin.certify import Certificate  # noqa: E402
 from crmt_plugin.datasets import load_av_digits  # noqa: E402
-from crmt_plugin.lipschitz import LipschitzConstants  # noqa: E402
 from crmt_plugin.models import AVDigitsNet  # noqa: E402
 
-from common import PlainCertifier  # noqa: E402
+from common import certifiable_copy  # noqa: E402
 
 RADII = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
@@ -157,28 +155,6 @@ def train(method: str, lam: float, args, splits, shapes) -> Tuple[nn.Module, Opt
 
 # --------------------------------------------------------------------------------------------------
 # certificates
-
-
-def jt_sound_certificate(model: nn.Module, inputs: Mapping[str, Tensor], y: Tensor, lip: LipschitzConstants) -> Certificate:
-    """Sound radii of a plain JT model with its own head W: D_k^(m) = L^(m) ||W_y^(m) - W_k^(m)||.
-
-    h = sum_m z^(m) + b with z^(m) = W^(m) phi^(m) (a = 1); the Gram matrices W^(m) W^(m)^T give
-    ||W_y - W_k||^2 = G_yy + G_kk - 2 G_yk inside radii_from_unimodal's "tight" denominator.
-    """
-    names = tuple(model.feature_dims)
-    fc = model.fusion.fc
-    with torch.no_grad():
-        blocks = fc.weight.double().split(list(model.feature_dims.values()), dim=1)
-        features = model.features(inputs)
-        z = torch.stack([features[n].double() @ w.T for n, w in zip(names, blocks)], dim=1)  # (B, M, K)
-        gram = torch.stack([w @ w.T for w in blocks])
-        ones = torch.ones(len(names), fc.out_features, dtype=torch.float64)
-        fused = z.sum(1) + fc.bias.double()
-        assert torch.allclose(fused, model(**inputs).double(), atol=1e-4), "JT decomposition mismatch"
-        radius, per_modality, correct = radii_from_unimodal(z, ones, fc.bias.double(), y, lip.aligned(names),
-                                                            denominator="tight", gram=gram)
-    return Certificate(radius=radius, radius_per_modality={n: per_modality[:, i] for i, n in enumerate(names)},
-                       correct=correct, sound=lip.sound, denominator="tight", source=lip.source)
 
 
 def encoder_jacobian_norms(model: nn.Module, data, samples: int) -> Dict[str, float]:
@@ -278,9 +254,9 @@ def analyse(method: str, lam: float, model, crmt, info, args, splits, shapes, he
                               "sound_L": dict(zip(sound.modalities, sound.values.tolist())),
                               "bound_seconds": bound_seconds, "max_jacobian_norm": jac}
     if method == "jt":
-        plain = PlainCertifier(model)
+        plain = certifiable_copy(model)  # the JT head as it is: unit rows, their norms as a
         empirical = plain.estimate_lipschitz(train_loader)
-        cert_sound = jt_sound_certificate(model, x, y, sound)
+        cert_sound = plain.certify(x, y, lipschitz=sound)  # tight: L^(m) ||W_y^(m) - W_k^(m)||
         cert_emp = plain.certify(x, y, lipschitz=empirical)
         attack_model = model
         # the approximate conversion, for the record
