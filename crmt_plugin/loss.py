@@ -71,6 +71,11 @@ def _stacked_unimodal(out, margin: MarginKind, temperature: float) -> Tensor:
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
+        if per_sample.numel() == 0:
+            raise CRMTError(
+                "empty batch (B = 0): its mean is undefined; skip the batch, or use reduction='sum' "
+                "(0, zero gradients) or 'none' ((0,))"
+            )
         return per_sample.mean()
     if reduction == "sum":
         return per_sample.sum()

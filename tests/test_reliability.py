@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from crmt_plugin import CRMTError, CRMTOutput, CRMTWrapper, LipschitzConstants, crmt_loss
+from crmt_plugin import CRMTError, CRMTOutput, CRMTWrapper, LipschitzConstants, crmt_loss, margin_loss
 from crmt_plugin.head import CRMTHead
 
 from conftest import LateFusion, cnn_batch, cnn_model, linear_model
@@ -311,6 +311,8 @@ def test_mean_loss_of_an_empty_batch_is_refused():
     crmt = wrap(tanh_model())
     with pytest.raises(CRMTError, match="empty"):
         crmt_loss(crmt(empty_batch()[0]), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(CRMTError, match="empty"):
+        margin_loss(crmt(empty_batch()[0]), torch.zeros(0, dtype=torch.long))
 
 
 def bn_model():
