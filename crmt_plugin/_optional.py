@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import warnings
+from typing import Any, Iterable
 
 from .errors import CRMTError
 
@@ -28,6 +29,13 @@ def require(module: str, feature: str = "") -> Any:
         ) from None
 
 
-def tqdm(iterable, **kwargs):
-    """tqdm progress bar over ``iterable`` (needs the optional ``tqdm``)."""
-    return require("tqdm.auto", "progress bars").tqdm(iterable, **kwargs)
+def progress_bar(iterable: Iterable, **kwargs: Any) -> Iterable:
+    """A tqdm progress bar over ``iterable``; without tqdm installed, one warning and the plain
+    iterable (a progress bar is never worth failing a run for). ``kwargs`` go to ``tqdm``."""
+    try:
+        tqdm = importlib.import_module("tqdm.auto").tqdm
+    except ImportError:
+        warnings.warn("progress bars need the optional dependency 'tqdm' (pip install tqdm); "
+                      "continuing without one", stacklevel=3)
+        return iterable
+    return tqdm(iterable, **kwargs)

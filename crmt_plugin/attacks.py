@@ -28,13 +28,13 @@ of *every* submodule exactly as it was. ``eval_mode=False`` keeps whatever mode 
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._runtime import ModeGuard, logits_of
 from .errors import CRMTError
 
 __all__ = [
@@ -105,53 +105,6 @@ def trades_kl_loss(logits: Tensor, target_logits: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------------
 # helpers shared with evaluation.py
-
-
-def _keywords_only(model: Callable[..., Any]) -> bool:
-    """True when the model's forward takes no positional argument (``forward(self, **inputs)``)."""
-    fn = model.forward if isinstance(model, nn.Module) else model
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-    return not any(p.kind in positional for p in params) and any(p.kind == inspect.Parameter.VAR_KEYWORD or p.kind == inspect.Parameter.KEYWORD_ONLY for p in params)
-
-
-def _call_model(model: Callable[..., Any], inputs: Mapping[str, Tensor]) -> Any:
-    """``model(inputs)``, or ``model(**inputs)`` for a forward that takes the modalities as keywords only."""
-    return model(**inputs) if _keywords_only(model) else model(inputs)
-
-
-def _logits_of(model: Callable[..., Any], inputs: Mapping[str, Tensor]) -> Tensor:
-    out = _call_model(model, inputs)
-    logits = getattr(out, "logits", out)
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        found = type(out).__name__ if not isinstance(logits, Tensor) else f"a tensor of shape {tuple(logits.shape)}"
-        raise CRMTError(
-            f"the model must return logits (B, K) or an object with a `.logits` tensor (B, K); found {found}"
-        )
-    return logits
-
-
-class _ModeGuard:
-    """Context manager: optionally switch a module to eval mode, then restore every submodule's flag."""
-
-    def __init__(self, model: Any, eval_mode: bool) -> None:
-        self.model = model if isinstance(model, nn.Module) else None
-        self.eval_mode = eval_mode
-        self.saved: List[Tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> "_ModeGuard":
-        if self.model is not None:
-            self.saved = [(m, m.training) for m in self.model.modules()]
-            if self.eval_mode:
-                self.model.eval()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, training in self.saved:
-            module.training = training
 
 
 def _check_inputs(inputs: Any) -> None:
@@ -560,7 +513,7 @@ class PGD:
                 current = dict(held)
                 for n in names:
                     current[n] = xs[n] + deltas[n]
-                logits = _logits_of(model, current)
+                logits = logits_of(model, current)
                 loss = self.loss(logits, y)
                 if not isinstance(loss, Tensor) or loss.shape != (batch,):
                     raise CRMTError(
@@ -590,7 +543,7 @@ class PGD:
             best_loss = torch.where(better, loss, best_loss)
             best_wrong = torch.where(better, wrong, best_wrong)
 
-        with _ModeGuard(model, self.eval_mode):
+        with ModeGuard(model, self.eval_mode):
             for _ in range(self.restarts):
                 if self.random_start:
                     deltas = self._project(self._random_start(xs, groups), xs, groups, bounds)
@@ -843,7 +796,7 @@ class ModalityAdapter(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        return _logits_of(self.model, self.merge(x))
+        return logits_of(self.model, self.merge(x))
 
     def extra_repr(self) -> str:
         return f"modality={self.modality!r}, shape={self._shape}, held={sorted(k for k in self._inputs if k != self.modality)}"

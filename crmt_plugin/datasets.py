@@ -29,7 +29,7 @@ import importlib.util
 import math
 import pathlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset

@@ -24,14 +24,14 @@ The model runs in eval mode; every submodule's ``training`` flag is restored aft
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .attacks import PGD, _call_model, _logits_of, _ModeGuard, drop_modality
+from ._runtime import ModeGuard, call_model, iterate_batches, logits_of, output_logits
+from .attacks import PGD, drop_modality
 from .errors import CRMTError
 
 __all__ = ["evaluate_robustness", "RobustnessResult", "modality_report", "ModalityReport"]
@@ -44,41 +44,6 @@ _COLUMNS = ("attack", "modalities", "radius", "accuracy", "n", "sound")
 
 # --------------------------------------------------------------------------------------------------
 # shared plumbing
-
-
-def _batches(
-    loader: Iterable[Any],
-    prepare_batch: Optional[Callable[[Any], Tuple[Mapping[str, Tensor], Tensor]]],
-    max_batches: Optional[int],
-    progress: bool,
-    desc: str,
-) -> Iterator[Tuple[Mapping[str, Tensor], Tensor]]:
-    iterable: Iterable[Any] = loader
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            warnings.warn("progress=True needs tqdm (pip install tqdm); continuing without a progress bar", stacklevel=3)
-        else:
-            total = None
-            try:
-                total = len(loader)  # type: ignore[arg-type]
-                if max_batches is not None:
-                    total = min(total, max_batches)
-            except TypeError:
-                pass
-            iterable = tqdm(loader, desc=desc, total=total, leave=False)
-    for i, batch in enumerate(iterable):
-        if max_batches is not None and i >= max_batches:
-            break
-        if prepare_batch is not None:
-            batch = prepare_batch(batch)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping)):
-            raise CRMTError(
-                f"expected loader batches of (inputs_dict, y), found {type(batch).__name__}; pass "
-                "prepare_batch=lambda batch: (inputs_dict, y) to adapt another layout"
-            )
-        yield batch[0], batch[1]
 
 
 def _model_device(model: Any, device: Optional[Union[str, torch.device]]) -> Optional[torch.device]:
@@ -98,7 +63,7 @@ def _move(inputs: Mapping[str, Tensor], y: Tensor, device: Optional[torch.device
 
 def _correct(model: Any, inputs: Mapping[str, Tensor], y: Tensor) -> Tensor:
     with torch.no_grad():
-        return _logits_of(model, inputs).argmax(dim=1) == y
+        return logits_of(model, inputs).argmax(dim=1) == y
 
 
 def _subset_name(subset: Sequence[str]) -> str:
@@ -404,8 +369,8 @@ def evaluate_robustness(
 
     modalities: Optional[Tuple[str, ...]] = None
     runs: List[Tuple[str, Subset, float, PGD]] = []
-    with _ModeGuard(model, True):
-        for inputs, y in _batches(loader, prepare_batch, max_batches, progress, "robustness"):
+    with ModeGuard(model, True):
+        for inputs, y in iterate_batches(loader, prepare_batch, progress=progress, desc="robustness", max_batches=max_batches):
             inputs, y = _move(inputs, y, target)
             if modalities is None:
                 modalities = tuple(k for k, v in inputs.items() if isinstance(v, Tensor))
@@ -589,8 +554,8 @@ def modality_report(
     modalities: Optional[Tuple[str, ...]] = None
     attacks: Dict[str, PGD] = {}
     has_unimodal = True
-    with _ModeGuard(model, True):
-        for inputs, y in _batches(loader, prepare_batch, max_batches, progress, "modality report"):
+    with ModeGuard(model, True):
+        for inputs, y in iterate_batches(loader, prepare_batch, progress=progress, desc="modality report", max_batches=max_batches):
             inputs, y = _move(inputs, y, target)
             if modalities is None:
                 modalities = tuple(k for k, v in inputs.items() if isinstance(v, Tensor))
@@ -605,8 +570,8 @@ def modality_report(
                 sums[m][key] = sums[m].get(key, 0.0) + float(value.double().sum())
 
             with torch.no_grad():
-                out = _call_model(model, inputs)
-            logits = _logits_of(lambda _: out, inputs)
+                out = call_model(model, inputs)
+            logits = output_logits(out)
             clean += int((logits.argmax(1) == y).sum())
             unimodal = getattr(out, "unimodal", None)
             has_unimodal = has_unimodal and isinstance(unimodal, Mapping)

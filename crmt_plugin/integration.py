@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._runtime import ModeGuard, iterate_batches, move_batch, no_autocast, non_finite_samples
 from .certify import radii_from_unimodal, resolve_denominator
 from .distributed import all_reduce_max, all_reduce_sum, is_distributed, raise_on_every_rank
 from .errors import CRMTError
@@ -51,25 +52,18 @@ class IntegrationResult:
 
 def _cache(crmt, loader: Iterable, prepare_batch, progress: bool) -> Tuple[Tensor, Tensor, int]:
     """z (N, M, K) float64, y (N,) and the number of samples with non-finite z; N may be 0."""
-    from .wrapper import iterate_batches, no_autocast, non_finite_samples
-
     zs, ys, bads = [], [], []
-    was_training = crmt.model.training
-    crmt.model.eval()
-    try:
-        with torch.no_grad(), no_autocast(crmt._device()):
-            for inputs, y in iterate_batches(loader, prepare_batch, progress, "caching logits"):
-                inputs, y = crmt._to_device(inputs, y)
-                out = crmt(inputs)
-                zs.append(torch.stack([out.unimodal[n] for n in crmt.modalities], dim=1).double())
-                ys.append(y)
-                bads.append(non_finite_samples(inputs, zs[-1].shape[0], zs[-1].device))
-    finally:
-        crmt.model.train(was_training)
+    device = crmt.head.bias.device
+    with ModeGuard(crmt.model, eval_mode=True), torch.no_grad(), no_autocast(device):
+        for inputs, y in iterate_batches(loader, prepare_batch, progress=progress, desc="caching logits"):
+            inputs, y = move_batch(inputs, y, device)
+            out = crmt(inputs)
+            zs.append(torch.stack([out.unimodal[n] for n in crmt.modalities], dim=1).double())
+            ys.append(y)
+            bads.append(non_finite_samples(inputs, zs[-1].shape[0], zs[-1].device))
     if zs:
         z, y, bad_inputs = torch.cat(zs), torch.cat(ys), torch.cat(bads)
     else:
-        device = crmt._device()
         z = torch.zeros(0, len(crmt.modalities), crmt.num_classes, dtype=torch.float64, device=device)
         y = torch.zeros(0, dtype=torch.long, device=device)
         bad_inputs = torch.zeros(0, dtype=torch.bool, device=device)
@@ -134,9 +128,7 @@ def fit_integration(
         >>> result.mean_radius_after >= result.mean_radius_before
         True
     """
-    from .wrapper import no_autocast
-
-    with no_autocast(crmt._device()):  # step 2 in float64 on the model's own logits, never bf16/fp16
+    with no_autocast(crmt.head.bias.device):  # step 2 in float64 on the model's own logits, never bf16/fp16
         return _fit_integration(crmt, loader, lipschitz, epochs, lr, batch_size, optimizer, denominator,
                                 generator, prepare_batch, progress)
 
@@ -164,7 +156,7 @@ def _fit_integration(crmt, loader, lipschitz, epochs, lr, batch_size, optimizer,
         if not is_distributed():
             raise
         failure = exc
-    raise_on_every_rank(failure, crmt._device(), "fit_integration")
+    raise_on_every_rank(failure, crmt.head.bias.device, "fit_integration")
     counts = all_reduce_sum(torch.tensor([float(z.shape[0]), float(bad)], dtype=torch.float64, device=z.device))
     n_global, bad_global = float(counts[0]), int(counts[1])
     if n_global == 0:

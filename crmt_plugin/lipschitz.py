@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._runtime import ModeGuard, iterate_batches, no_autocast, non_finite_modalities
+from .distributed import all_reduce_max, is_distributed, raise_on_every_rank
 from .errors import CRMTError
 
 __all__ = ["LipschitzConstants", "estimate_lipschitz"]
@@ -189,37 +191,31 @@ def estimate_lipschitz(
 
     Use :meth:`CRMTWrapper.estimate_lipschitz`, which calls this.
     """
-    from .distributed import all_reduce_max, is_distributed, raise_on_every_rank
-    from .wrapper import iterate_batches, no_autocast, non_finite_modalities  # wrapper imports this module
-
     names = crmt.modalities
     num_classes = crmt.num_classes
-    device = crmt._device()
+    device = crmt.head.bias.device
     running: Optional[Tensor] = None
     failure: Optional[Exception] = None
-    was_training = crmt.model.training
-    crmt.model.eval()
     try:
-        for i, (inputs, _) in enumerate(iterate_batches(loader, prepare_batch, progress, "Lipschitz")):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs = crmt.check_inputs(inputs)
-            if next(iter(inputs.values())).shape[0] == 0:  # an empty batch has no gradient to measure
-                continue
-            sick = non_finite_modalities(inputs)
-            if sick:
-                raise CRMTError(f"non-finite inputs (NaN/Inf) of modalities {sick} while estimating Lipschitz "
-                                "constants")
-            with no_autocast(device):  # gradients of the model in its own dtype, not bf16/fp16
-                values = _unimodal_input_gradient_norms(lambda x: crmt(x).unimodal, inputs, num_classes,
-                                                        vectorize)
-            running = values if running is None else torch.maximum(running, values)
+        with ModeGuard(crmt.model, eval_mode=True):
+            batches = iterate_batches(loader, prepare_batch, progress=progress, desc="Lipschitz",
+                                      max_batches=max_batches)
+            for inputs, _ in batches:
+                inputs = crmt.check_inputs(inputs)
+                if next(iter(inputs.values())).shape[0] == 0:  # an empty batch has no gradient to measure
+                    continue
+                sick = non_finite_modalities(inputs)
+                if sick:
+                    raise CRMTError(f"non-finite inputs (NaN/Inf) of modalities {sick} while estimating "
+                                    "Lipschitz constants")
+                with no_autocast(device):  # gradients of the model in its own dtype, not bf16/fp16
+                    values = _unimodal_input_gradient_norms(lambda x: crmt(x).unimodal, inputs, num_classes,
+                                                            vectorize)
+                running = values if running is None else torch.maximum(running, values)
     except Exception as exc:  # noqa: BLE001 - under torch.distributed: raised below, on every rank
         if not is_distributed():
             raise
         failure = exc
-    finally:
-        crmt.model.train(was_training)
     # Every rank reaches the same collectives, whatever it saw (no batch, a failure, NaN).
     raise_on_every_rank(failure, device, "estimate_lipschitz")
     local_bad = running is not None and not bool(torch.isfinite(running).all())

@@ -23,25 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._runtime import check_labels
 from .errors import CRMTError
 
 __all__ = ["crmt_loss", "margin_loss"]
 
 MarginKind = str  # "relative" | "raw"
 DEFAULT_TEMPERATURE = 10.0
-
-
-def _check_labels(y: Tensor, batch: int, num_classes: int, what: str = "y") -> None:
-    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise CRMTError(f"{what} must be an integer tensor of class indices (B,), found {type(y).__name__} "
-                        f"{getattr(y, 'dtype', '')}")
-    if y.shape != (batch,):
-        raise CRMTError(f"{what} must have shape ({batch},) to match the logits, found {tuple(y.shape)}")
-    if batch:
-        low, high = torch.aminmax(y)  # one reduction instead of (y < 0) | (y >= K) then any()
-        if int(low) < 0 or int(high) >= num_classes:
-            bad = y[(y < 0) | (y >= num_classes)][:5].tolist()
-            raise CRMTError(f"{what} holds labels outside [0, {num_classes - 1}] (K = {num_classes}): {bad}")
 
 
 def _stacked_unimodal(out, margin: MarginKind, temperature: float) -> Tensor:
@@ -128,9 +116,9 @@ def margin_loss(
         raise CRMTError("mixup needs both y_b and lam (or neither)")
     z = _stacked_unimodal(out, margin, temperature)  # (B, M, K)
     batch, _, num_classes = z.shape
-    _check_labels(y, batch, num_classes)
+    check_labels(y, batch, num_classes)
     if y_b is not None:
-        _check_labels(y_b, batch, num_classes, "y_b")
+        check_labels(y_b, batch, num_classes, "y_b")
     return _reduce(_margin_per_sample(z, y, y_b, lam), reduction)
 
 
@@ -208,9 +196,9 @@ def crmt_loss(
             "crmt_loss got an empty batch (B = 0): its mean is undefined; skip the batch, or use "
             "reduction='sum' (0, zero gradients) or 'none' ((0,))"
         )
-    _check_labels(y, batch, num_classes)
+    check_labels(y, batch, num_classes)
     if y_b is not None:
-        _check_labels(y_b, batch, num_classes, "y_b")
+        check_labels(y_b, batch, num_classes, "y_b")
     if (y_b is None) != (lam is None):
         raise CRMTError("mixup needs both y_b and lam (or neither)")
     # The margin term first: it validates `out` and `margin` before any work on the base loss.

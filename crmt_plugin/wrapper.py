@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ._runtime import (
+    Inputs,
+    ModeGuard,
+    PrepareBatch,
+    check_labels,
+    finite_probe,
+    iterate_batches,
+    no_autocast,
+    non_finite_modalities,
+)
 from .certify import Certificate, radii_from_unimodal, resolve_denominator
 from .errors import CRMTError
 from .head import CRMTHead
+from .integration import IntegrationResult, fit_integration
 from .lipschitz import LipschitzConstants, LipschitzLike, as_lipschitz, estimate_lipschitz
 
 __all__ = ["CRMTWrapper", "CRMTOutput"]
-
-Inputs = Mapping[str, Tensor]
-PrepareBatch = Callable[[object], Tuple[Inputs, Tensor]]
-
 
 @dataclass
 class CRMTOutput:
@@ -56,56 +62,6 @@ def _register_output_as_pytree() -> None:
 
 
 _register_output_as_pytree()
-
-
-def iterate_batches(
-    loader: Iterable, prepare_batch: Optional[PrepareBatch], progress: bool, desc: str
-) -> Iterator[Tuple[Inputs, Tensor]]:
-    """Yield ``(inputs, y)`` from a loader of ``(inputs_dict, y)`` or any layout ``prepare_batch`` maps."""
-    if progress:
-        from ._optional import tqdm
-
-        loader = tqdm(loader, desc=desc, leave=False)
-    for batch in loader:
-        if prepare_batch is not None:
-            batch = prepare_batch(batch)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping)):
-            raise CRMTError(
-                "expected loader batches of (inputs_dict, y); found "
-                f"{type(batch).__name__}. Pass prepare_batch=lambda batch: (inputs_dict, y) to adapt "
-                "another layout"
-            )
-        yield batch[0], batch[1]
-
-
-def no_autocast(device: torch.device):
-    """A context that disables autocast on ``device``'s type: Lipschitz estimation, step 2 and
-    certificates run the model in its own dtype, never in an enclosing bf16/fp16 autocast."""
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # pragma: no cover - a device type without autocast support
-        return contextlib.nullcontext()
-
-
-def _probe(x: Tensor) -> Tensor:
-    """sum(x) as a float64 scalar: non-finite whenever x holds a NaN or an Inf."""
-    x = x.detach()
-    return (x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()).double()
-
-
-def non_finite_modalities(inputs: Inputs) -> List[str]:
-    """Names of the modalities whose floating-point input holds a NaN or an Inf (host syncs)."""
-    return [n for n, x in inputs.items() if x.is_floating_point() and not bool(torch.isfinite(x).all())]
-
-
-def non_finite_samples(inputs: Inputs, batch: int, device: torch.device) -> Tensor:
-    """(batch,) bool: the samples with a NaN or an Inf in any floating-point input."""
-    bad = torch.zeros(batch, dtype=torch.bool, device=device)
-    for x in inputs.values():
-        if x.is_floating_point() and x.dim() >= 1 and x.shape[0] == batch:
-            finite = torch.isfinite(x)
-            bad |= ~(finite.flatten(1).all(dim=1) if finite.dim() > 1 else finite).to(device)
-    return bad
 
 
 def _check_not_data_parallel(model: nn.Module) -> None:
@@ -253,7 +209,7 @@ class CRMTWrapper(nn.Module):
         if self.check_finite and self.training and torch.is_grad_enabled():
             # A sum is NaN/Inf as soon as one element is (and ~100x cheaper than isfinite on CPU); a
             # non-finite sum of finite values (overflow) is sorted out by the exact check below.
-            probes = [_probe(logits)] + [_probe(x).to(logits.device) for x in inputs.values() if x.is_floating_point()]
+            probes = [finite_probe(logits)] + [finite_probe(x).to(logits.device) for x in inputs.values() if x.is_floating_point()]
             if not bool(torch.isfinite(torch.stack(probes)).all()):  # one host sync per training step
                 bad = int((~torch.isfinite(logits).all(dim=-1)).sum())
                 sick = non_finite_modalities(inputs)
@@ -288,7 +244,7 @@ class CRMTWrapper(nn.Module):
         (``vectorize=False``: one backward per class on the same graph, identical values — faster for
         convolutional encoders on CPU), max over ``torch.distributed`` ranks.
         """
-        moved = ((self._to_device(*b)) for b in iterate_batches(loader, prepare_batch, False, ""))
+        moved = ((self._to_device(*b)) for b in iterate_batches(loader, prepare_batch))
         return estimate_lipschitz(self, moved, max_batches=max_batches, progress=progress, vectorize=vectorize)
 
     def certify(
@@ -330,19 +286,12 @@ class CRMTWrapper(nn.Module):
                 f"the CRMT head has non-finite integration weights a {a.tolist()} or bias {bias.tolist()}: "
                 "no certificate can be given (training diverged?)"
             )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                out = self(inputs)
-        finally:
-            self.model.train(was_training)
+        with ModeGuard(self.model, eval_mode=True), torch.no_grad():
+            out = self(inputs)
         z = torch.stack([out.unimodal[n] for n in self.modalities], dim=1).double()
         if y is None:
             y = out.logits.argmax(dim=1)
-        from .loss import _check_labels
-
-        _check_labels(y, z.shape[0], self.num_classes)
+        check_labels(y, z.shape[0], self.num_classes)
         sick = non_finite_modalities(inputs)
         if sick:
             raise CRMTError(
@@ -381,11 +330,9 @@ class CRMTWrapper(nn.Module):
         weights = [head.unimodal_weight(n).detach() for n in self.modalities]
         return torch.stack([w @ w.transpose(0, 1) for w in weights])
 
-    def fit_integration(self, loader: Iterable, *, lipschitz: LipschitzLike, **kwargs):
+    def fit_integration(self, loader: Iterable, *, lipschitz: LipschitzLike, **kwargs) -> IntegrationResult:
         """Step 2: tune only a^(m) to maximise the mean certified radius; see
         :func:`crmt_plugin.integration.fit_integration` for the arguments."""
-        from .integration import fit_integration
-
         return fit_integration(self, loader, lipschitz=lipschitz, **kwargs)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

@@ -1,0 +1,243 @@
+"""Internal runtime plumbing shared by every module: batches, devices, autocast, finiteness and label
+checks, the exact mode guard, and how to call a user's model.
+
+This module sits directly above :mod:`crmt_plugin.errors` and :mod:`crmt_plugin._optional` in the
+dependency line and imports nothing else from the package, so any module may use it. Its names are
+public *within* the package (no leading underscore, so no module imports a private name of
+another); it is not part of the user-facing API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._optional import progress_bar
+from .errors import CRMTError
+
+__all__ = [
+    "Inputs",
+    "PrepareBatch",
+    "iterate_batches",
+    "no_autocast",
+    "finite_probe",
+    "non_finite_modalities",
+    "non_finite_samples",
+    "check_labels",
+    "ModeGuard",
+    "call_model",
+    "logits_of",
+    "output_logits",
+    "keywords_only",
+    "ModelCall",
+    "module_device",
+    "move_batch",
+]
+
+Inputs = Mapping[str, Tensor]
+PrepareBatch = Callable[[Any], Tuple[Inputs, Tensor]]
+
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+# --------------------------------------------------------------------------------------------------
+# batches and devices
+
+
+def iterate_batches(
+    loader: Iterable[Any],
+    prepare_batch: Optional[PrepareBatch] = None,
+    *,
+    progress: bool = False,
+    desc: str = "",
+    max_batches: Optional[int] = None,
+) -> Iterator[Tuple[Inputs, Tensor]]:
+    """Yield ``(inputs_dict, y)`` from a loader of ``(inputs_dict, y)`` or of any layout that
+    ``prepare_batch`` maps to it; at most ``max_batches`` batches; a progress bar if asked.
+
+    Example::
+
+        >>> batches = [({"a": torch.zeros(2, 3)}, torch.zeros(2, dtype=torch.long))]
+        >>> [tuple(x["a"].shape) for x, _ in iterate_batches(batches)]
+        [(2, 3)]
+    """
+    iterable: Iterable[Any] = loader
+    if progress:
+        total = None
+        try:
+            total = len(loader)  # type: ignore[arg-type]
+            if max_batches is not None:
+                total = min(total, max_batches)
+        except TypeError:
+            pass
+        iterable = progress_bar(loader, desc=desc, total=total, leave=False)
+    for i, batch in enumerate(iterable):
+        if max_batches is not None and i >= max_batches:
+            break
+        if prepare_batch is not None:
+            batch = prepare_batch(batch)
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping)):
+            raise CRMTError(
+                f"expected loader batches of (inputs_dict, y), found {type(batch).__name__}; pass "
+                "prepare_batch=lambda batch: (inputs_dict, y) to adapt another layout"
+            )
+        yield batch[0], batch[1]
+
+
+def module_device(model: Any, default: Optional[torch.device] = None) -> Optional[torch.device]:
+    """The device of the first parameter (or buffer) of ``model``; ``default`` when it has none."""
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+        for b in model.buffers():
+            return b.device
+    return default
+
+
+def move_batch(
+    inputs: Inputs, y: Tensor, device: Optional[torch.device]
+) -> Tuple[Dict[str, Tensor], Tensor]:
+    """``inputs`` and ``y`` on ``device`` (unchanged when ``device`` is None)."""
+    if device is None:
+        return dict(inputs), y
+    moved = {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+    return moved, (y.to(device, non_blocking=True) if isinstance(y, Tensor) else y)
+
+
+def no_autocast(device: torch.device):
+    """A context that disables autocast on ``device``'s type: Lipschitz estimation, step 2 and
+    certificates run the model in its own dtype, never in an enclosing bf16/fp16 autocast."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # pragma: no cover - a device type without autocast support
+        return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# finiteness and labels
+
+
+def finite_probe(x: Tensor) -> Tensor:
+    """sum(x) as a float64 scalar: non-finite whenever x holds a NaN or an Inf."""
+    x = x.detach()
+    return (x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()).double()
+
+
+def non_finite_modalities(inputs: Inputs) -> List[str]:
+    """Names of the modalities whose floating-point input holds a NaN or an Inf (host syncs)."""
+    return [
+        n for n, x in inputs.items()
+        if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all())
+    ]
+
+
+def non_finite_samples(inputs: Inputs, batch: int, device: torch.device) -> Tensor:
+    """(batch,) bool: the samples with a NaN or an Inf in any floating-point input."""
+    bad = torch.zeros(batch, dtype=torch.bool, device=device)
+    for x in inputs.values():
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and x.shape[0] == batch:
+            finite = torch.isfinite(x)
+            bad |= ~(finite.flatten(1).all(dim=1) if finite.dim() > 1 else finite).to(device)
+    return bad
+
+
+def check_labels(y: Any, batch: int, num_classes: int, what: str = "y") -> None:
+    """Raise :class:`CRMTError` unless ``y`` is an integer tensor (batch,) of classes 0..K-1."""
+    if not isinstance(y, Tensor) or y.dtype not in INTEGER_DTYPES:
+        raise CRMTError(f"{what} must be an integer tensor of class indices (B,), found {type(y).__name__} "
+                        f"{getattr(y, 'dtype', '')}")
+    if y.shape != (batch,):
+        raise CRMTError(f"{what} must have shape ({batch},) to match the logits, found {tuple(y.shape)}")
+    if batch:
+        low, high = torch.aminmax(y)  # one reduction instead of (y < 0) | (y >= K) then any()
+        if int(low) < 0 or int(high) >= num_classes:
+            bad = y[(y < 0) | (y >= num_classes)][:5].tolist()
+            raise CRMTError(f"{what} holds labels outside [0, {num_classes - 1}] (K = {num_classes}): {bad}")
+
+
+# --------------------------------------------------------------------------------------------------
+# modes
+
+
+class ModeGuard:
+    """Context manager: optionally switch a module to eval mode, then restore the ``training`` flag
+    of *every* submodule exactly as it was (a BatchNorm frozen with ``.eval()`` inside a training
+    model stays frozen; ``model.train(was_training)`` would reset it).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)); net[1].eval()
+        >>> with ModeGuard(net, eval_mode=True):
+        ...     assert not net.training
+        >>> net.training, net[1].training
+        (True, False)
+    """
+
+    def __init__(self, model: Any, eval_mode: bool = True) -> None:
+        self.model = model if isinstance(model, nn.Module) else None
+        self.eval_mode = eval_mode
+        self.saved: List[Tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> "ModeGuard":
+        if self.model is not None:
+            self.saved = [(m, m.training) for m in self.model.modules()]
+            if self.eval_mode:
+                self.model.eval()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, training in self.saved:
+            module.training = training
+
+
+# --------------------------------------------------------------------------------------------------
+# calling a model
+
+ModelCall = Callable[[Any, Inputs], Any]
+
+
+def keywords_only(model: Callable[..., Any]) -> bool:
+    """True when the model's forward takes no positional argument (``forward(self, **inputs)``)."""
+    fn = model.forward if isinstance(model, nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    keyword = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return not any(p.kind in positional for p in params) and any(p.kind in keyword for p in params)
+
+
+def call_model(model: Callable[..., Any], inputs: Inputs, call: Optional[ModelCall] = None) -> Any:
+    """Run ``model`` on an input dict: ``call(model, inputs)`` when given, else ``model(**inputs)``
+    for a forward that takes the modalities as keywords only, else ``model(inputs)``."""
+    if call is not None:
+        return call(model, inputs)
+    return model(**inputs) if keywords_only(model) else model(inputs)
+
+
+def logits_of(
+    model: Callable[..., Any], inputs: Inputs, call: Optional[ModelCall] = None
+) -> Tensor:
+    """The (B, K) logits of ``call_model(model, inputs, call)``: the output itself, or its
+    ``.logits`` attribute (a ``CRMTOutput``, a Hugging Face style output)."""
+    out = call_model(model, inputs, call)
+    return output_logits(out)
+
+
+def output_logits(out: Any) -> Tensor:
+    """(B, K) logits from a model output: a tensor or an object with a ``.logits`` tensor."""
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        found = type(out).__name__ if not isinstance(logits, Tensor) else f"a tensor of shape {tuple(logits.shape)}"
+        raise CRMTError(
+            f"the model must return logits (B, K) or an object with a `.logits` tensor (B, K); found {found}. "
+            "Pass call=lambda model, inputs: model(**inputs)[0] (or the like) to pick the logits"
+        )
+    return logits
+
