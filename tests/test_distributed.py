@@ -12,7 +12,6 @@ import datetime
 import os
 import time
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from crmt_plugin import CRMTError, CRMTWrapper, LipschitzConstants, crmt_loss
+from crmt_plugin import CRMTWrapper, LipschitzConstants, crmt_loss
 
 from conftest import LateFusion
 
