@@ -9,17 +9,24 @@
 * ``a^(m)`` (K,) are the class-wise integration weights, kept non-negative by a softplus:
   ``a = softplus(alpha)``.
 * ``b`` (K,) is the shared bias.
+
+W~ is computed once per parameter update, not once per call: the head caches the QR factors of each
+``V^(m)`` against the parameter's version counter (see :meth:`CRMTHead.clear_cache`), so the extra
+forward passes of an attack (PGD-AT, TRADES), of evaluation and of step 2 reuse them. Gradients are
+those of the uncached map (the QR's own backward formula, applied to the cached factors).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._runtime import no_autocast
 from .errors import CRMTError
 
 __all__ = ["CRMTHead"]
@@ -49,6 +56,77 @@ def orthonormalize_rows(v: Tensor) -> Tensor:
 def normalize_rows(v: Tensor) -> Tensor:
     """Rows of ``v`` (..., K, d) scaled to unit l2 norm (the K > d fallback)."""
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class _Factors(NamedTuple):
+    """What the cache keeps per modality: the key it was computed for and the detached results.
+
+    ``source`` is a weak reference to the parameter (a tensor swapped in by ``functional_call``, a
+    deep copy or a re-created parameter is another object: a miss); ``version``, ``data_ptr``,
+    ``dtype`` and ``device`` catch in-place updates (optimiser steps, ``load_state_dict``, edits under
+    ``no_grad``) and ``.to(...)``. ``q`` (d, K) and ``r`` (K, K) are the QR factors of V^T and
+    ``signs`` (K,) the sign fix, for the backward; ``weight`` is W~ (K, d). For unit-norm rows
+    (K > d or ``orthonormal=False``) ``q``/``r``/``signs`` are None and ``r`` holds nothing.
+    """
+
+    source: "weakref.ref[Tensor]"
+    key: Tuple[Any, ...]
+    weight: Tensor
+    q: Optional[Tensor]
+    r: Optional[Tensor]
+    signs: Optional[Tensor]
+
+
+def _key(v: Tensor) -> Tuple[Any, ...]:
+    return (v._version, v.data_ptr(), v.dtype, v.device)
+
+
+class _CachedOrthonormalRows(torch.autograd.Function):
+    """W~ = orthonormalize_rows(V) from cached factors: no QR in the forward.
+
+    Backward (V^T = Q R, W~ = (Q S)^T, S = diag(signs), so dL/dQ = G^T S for G = dL/dW~, dL/dR = 0):
+    M = -(dL/dQ)^T Q, C = tril(M, -1) + tril(M, -1)^T + diag(M), dL/dV = R^{-1} ((dL/dQ)^T + C Q^T),
+    the backward of ``torch.linalg.qr``. A double backward (``create_graph=True``) recomputes the QR
+    under autograd instead, so higher derivatives are those of the uncached map.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, weight: Tensor, q: Tensor, r: Tensor, signs: Tensor) -> Tensor:
+        ctx.save_for_backward(q, r, signs)
+        ctx.source, ctx.version = v, v._version
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        q, r, signs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the QR itself
+            v = ctx.source
+            if v._version != ctx.version:
+                raise CRMTError(
+                    "CRMT head: a direction parameter was modified in place between the forward and a "
+                    "double backward (create_graph=True); run the forward again after the update"
+                )
+            with torch.enable_grad():
+                (grad_v,) = torch.autograd.grad(orthonormalize_rows(v), v, grad, create_graph=True)
+            return grad_v, None, None, None, None
+        grad_q = grad.mT * signs  # (d, K)
+        m = -(grad_q.mT @ q)
+        lower = m.tril(-1)
+        sym = lower + lower.mT + torch.diag_embed(m.diagonal())
+        grad_v = torch.linalg.solve_triangular(r, grad_q.mT + sym @ q.mT, upper=True)
+        return grad_v, None, None, None, None
+
+
+def _cacheable(v: Tensor) -> bool:
+    """The cache is for plain eager tensors: under torch.compile, functorch transforms or tensor
+    subclasses the map is computed as written (the compiler and the transforms see the QR)."""
+    if type(v) not in (nn.Parameter, Tensor) or torch.compiler.is_compiling():
+        return False
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # pragma: no cover - very old torch
+        return True
+    return not is_functorch_wrapped_tensor(v)
 
 
 class CRMTHead(nn.Module):
@@ -121,6 +199,8 @@ class CRMTHead(nn.Module):
         else:
             self.register_buffer("bias", torch.zeros(num_classes, **kw))
         self._last: Optional[Dict[str, Dict[str, Tensor]]] = None
+        self.cache_directions = True
+        self._factors: Dict[str, _Factors] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -181,9 +261,57 @@ class CRMTHead(nn.Module):
 
     def unimodal_weight(self, name: str) -> Tensor:
         """W~^(m) (K, d_m): orthonormal rows (K <= d_m) or unit-norm rows (K > d_m, or
-        ``orthonormal=False``)."""
+        ``orthonormal=False``). Differentiable w.r.t. ``directions[name]``; computed once per
+        update of that parameter (cached, see :meth:`clear_cache`)."""
+        weight = self._weight(name)
+        # the cached tensor itself is never handed out detached: an in-place edit of the result
+        # must not change the cache
+        return weight if weight.requires_grad else weight.clone()
+
+    def _weight(self, name: str) -> Tensor:
         v = self.directions[name]
-        return orthonormalize_rows(v) if self.orthonormal and self.num_classes <= v.shape[1] else normalize_rows(v)
+        orthonormal = self.orthonormal and self.num_classes <= v.shape[1]
+        if not (self.cache_directions and _cacheable(v)):
+            return orthonormalize_rows(v) if orthonormal else normalize_rows(v)
+        factors = self._factors.get(name)
+        if factors is None or factors.source() is not v or factors.key != _key(v):
+            factors = self._factorise(v, orthonormal)
+            self._factors[name] = factors
+        if not (v.requires_grad and torch.is_grad_enabled()):
+            return factors.weight
+        if orthonormal:
+            return _CachedOrthonormalRows.apply(v, factors.weight, factors.q, factors.r, factors.signs)
+        return normalize_rows(v)  # cheap and elementwise: the graph is built as usual
+
+    @staticmethod
+    def _factorise(v: Tensor, orthonormal: bool) -> _Factors:
+        key = _key(v)
+        with torch.inference_mode(False), torch.no_grad(), no_autocast(v.device):
+            if orthonormal:
+                q, r = torch.linalg.qr(v.mT, mode="reduced")
+                signs = torch.where(torch.diagonal(r) >= 0, 1.0, -1.0).to(q.dtype)
+                weight = (q * signs).mT
+            else:
+                q = r = signs = None
+                weight = normalize_rows(v)
+        return _Factors(weakref.ref(v), key, weight, q, r, signs)
+
+    def clear_cache(self) -> None:
+        """Forget the cached W~ (and QR factors) of every modality.
+
+        The cache is keyed on each ``directions`` parameter's version counter, storage, dtype and
+        device, so optimiser steps, ``load_state_dict``, in-place edits under ``torch.no_grad()``,
+        ``.to(...)`` and DDP's broadcasts are all seen. Writes through ``param.data`` are not (autograd
+        does not count them): call this after such an edit, or set ``head.cache_directions = False``
+        to compute W~ at every call.
+        """
+        self._factors = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_factors"] = {}  # weak references do not pickle; the cache is rebuilt on first use
+        return state
 
     def integration_weights(self) -> Tensor:
         """a (M, K), non-negative, rows in modality order."""
@@ -193,7 +321,7 @@ class CRMTHead(nn.Module):
         """The equivalent plain weight (K, sum_m d_m): concat_m a^(m)[:, None] * W~^(m)."""
         a = self.integration_weights()
         return torch.cat(
-            [a[i, :, None] * self.unimodal_weight(name) for i, name in enumerate(self.widths)], dim=1
+            [a[i, :, None] * self._weight(name) for i, name in enumerate(self.widths)], dim=1
         )
 
     @property
@@ -216,7 +344,7 @@ class CRMTHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         parts = self.split_features(features)
-        unimodal = {name: F.linear(parts[name], self.unimodal_weight(name)) for name in self.widths}
+        unimodal = {name: F.linear(parts[name], self._weight(name)) for name in self.widths}
         fused = self.bias
         for a_m, name in zip(self.integration_weights().unbind(0), self.widths):
             fused = torch.addcmul(fused, a_m, unimodal[name])  # fused + a^(m) * z^(m), one op
