@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._runtime import (
@@ -19,13 +22,22 @@ from ._runtime import (
     no_autocast,
     non_finite_modalities,
 )
-from .certify import Certificate, radii_from_unimodal, resolve_denominator
+from .certify import Certificate, certificate_terms, radii_from_margins, resolve_denominator, stored_margins
 from .errors import CRMTError
 from .head import CRMTHead
 from .integration import IntegrationResult, fit_integration
 from .lipschitz import LipschitzConstants, LipschitzLike, as_lipschitz, estimate_lipschitz
+from .structure import (
+    StructureReport,
+    candidates_message,
+    check_concatenated,
+    check_per_modality,
+    discover_widths,
+    find_output_layers,
+    probe,
+)
 
-__all__ = ["CRMTWrapper", "CRMTOutput"]
+__all__ = ["CRMTWrapper", "CRMTOutput", "SummedHeadShare", "pick_logits"]
 
 @dataclass
 class CRMTOutput:
@@ -79,6 +91,8 @@ def _check_not_data_parallel(model: nn.Module) -> None:
 
 
 def _resolve(model: nn.Module, path: str) -> Tuple[nn.Module, str, nn.Module]:
+    if not isinstance(path, str) or not path:
+        raise CRMTError(f"a head path must be a non-empty dotted module path (str), found {path!r}")
     parent_path, _, attr = path.rpartition(".")
     try:
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -91,27 +105,205 @@ def _resolve(model: nn.Module, path: str) -> Tuple[nn.Module, str, nn.Module]:
     return parent, attr, module
 
 
+def _linear_at(model: nn.Module, path: str) -> nn.Linear:
+    _, _, linear = _resolve(model, path)
+    if isinstance(linear, (CRMTHead, SummedHeadShare)):
+        raise CRMTError(f"head {path!r} is already a CRMT head: the model was wrapped before")
+    if not isinstance(linear, nn.Linear):
+        raise CRMTError(f"head {path!r} is a {type(linear).__name__}, expected torch.nn.Linear")
+    return linear
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        parts = ", ".join(_describe(o) if isinstance(o, Tensor) else type(o).__name__ for o in out)
+        return f"a {type(out).__name__} of {len(out)} ({parts})"
+    if isinstance(out, Mapping):
+        return f"a {type(out).__name__} with keys {list(out)}"
+    return f"a {type(out).__name__}"
+
+
+OutputPicker = Union[None, int, str, Callable[[Any], Tensor]]
+
+
+def pick_logits(out: Any, output: OutputPicker) -> Tensor:
+    """The (B, K) logits inside a model's output.
+
+    ``output=None``: the output itself (a tensor) or its ``.logits`` tensor; an int: ``out[i]`` (a
+    tuple or list); a str: ``out[key]`` (a mapping) or ``getattr(out, key)``; a callable:
+    ``output(out)``.
+
+    Example::
+
+        >>> pick_logits((torch.ones(2, 3), torch.zeros(2, 8)), 0).shape
+        torch.Size([2, 3])
+        >>> pick_logits({"logits": torch.ones(2, 3)}, "logits").shape
+        torch.Size([2, 3])
+    """
+    how = "pass output=0 (a tuple's first element), output=\"logits\" (a key or attribute) or a callable out -> logits"
+    if output is None:
+        logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+        if not isinstance(logits, Tensor):
+            raise CRMTError(f"the model returns {_describe(out)}, expected the logits (B, K): {how}")
+    elif isinstance(output, bool) or not (isinstance(output, (int, str)) or callable(output)):
+        raise CRMTError(f"output must be None, an int, a str or a callable picking the logits, found {output!r}")
+    elif isinstance(output, int):
+        if not isinstance(out, (tuple, list)) or not -len(out) <= output < len(out):
+            raise CRMTError(f"output={output} picks element {output} of the model's output, but the model "
+                            f"returns {_describe(out)}")
+        logits = out[output]
+    elif isinstance(output, str):
+        if isinstance(out, Mapping):
+            if output not in out:
+                raise CRMTError(f"output={output!r}: the model returns {_describe(out)}")
+            logits = out[output]
+        elif hasattr(out, output):
+            logits = getattr(out, output)
+        else:
+            raise CRMTError(f"output={output!r}: the model returns {_describe(out)}, which has no such key or "
+                            "attribute")
+    else:
+        logits = output(out)
+    if not isinstance(logits, Tensor) or logits.dim() < 1:
+        raise CRMTError(f"the logits picked from the model's output must be a tensor (B, K), found "
+                        f"{_describe(logits)}; the model returns {_describe(out)}")
+    return logits
+
+
+def _check_signature(model: nn.Module, names: Sequence[str]) -> None:
+    """Raise unless ``model(**{name: tensor})`` binds to the forward's parameters."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return
+    params = list(signature.parameters.values())
+    kind = inspect.Parameter
+    var_keyword = any(p.kind is kind.VAR_KEYWORD for p in params)
+    by_name = {p.name for p in params if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)}
+    required = [p.name for p in params if p.default is kind.empty
+                and p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)]
+    unaccepted = [] if var_keyword else [n for n in names if n not in by_name]
+    unfilled = [n for n in required if n not in names or n not in by_name]
+    if unaccepted or unfilled:
+        problems = []
+        if unaccepted:
+            problems.append(f"it takes no argument named {unaccepted}")
+        if unfilled:
+            problems.append(f"its required arguments {unfilled} are not modality names")
+        raise CRMTError(
+            f"{type(model).__name__}.forward{signature} cannot be called as model(**inputs) with the modalities "
+            f"{list(names)}: {' and '.join(problems)}. Name the forward's arguments after the modalities, or pass "
+            "call=lambda model, inputs: model(...) (e.g. model(inputs) or model(inputs['audio'], inputs['video']))"
+        )
+
+
+class SummedHeadShare(nn.Module):
+    """One modality's share of a sum-of-heads fusion: replaces that modality's ``nn.Linear(d_m, K)``.
+
+    ``share(phi^(m)) = a^(m) * (W~^(m) phi^(m)) (+ b for the share that carries the bias)``, so that
+    the model's own sum of per-modality logits is the CRMT head's fused logits
+    ``sum_m a^(m) * z^(m) + b``. All shares use one :class:`CRMTHead`; the first share holds it as a
+    submodule (its parameters appear once, under that share), the others refer to it.
+    """
+
+    def __init__(self, head: CRMTHead, modality: str, *, owner: bool, carries_bias: bool, has_bias: bool) -> None:
+        super().__init__()
+        if owner:
+            self.head = head
+        else:  # not registered: the owner share holds the parameters
+            object.__setattr__(self, "_shared_head", head)
+        self.modality = modality
+        self.owner = owner
+        self.carries_bias = carries_bias
+        self.has_bias = has_bias
+        self.in_features = head.widths[modality]
+        self.out_features = head.num_classes
+        self._last: Optional[Tuple[Tensor, Tensor]] = None
+
+    @property
+    def crmt_head(self) -> CRMTHead:
+        """The shared CRMT head."""
+        return self.head if self.owner else self.__dict__["_shared_head"]
+
+    def forward(self, features: Tensor) -> Tensor:
+        head = self.crmt_head
+        if features.shape[-1] != self.in_features:
+            raise CRMTError(f"the head of modality {self.modality!r} expected features with last dimension "
+                            f"{self.in_features}, found shape {tuple(features.shape)}")
+        index = head.modalities.index(self.modality)
+        z = F.linear(features, head.unimodal_weight(self.modality))
+        share = head.integration_weights()[index] * z
+        if self.carries_bias:
+            share = share + head.bias
+        self._last = (z, features)
+        return share
+
+    def pop_last(self) -> Tuple[Tensor, Tensor]:
+        """(z^(m), phi^(m)) of the last call (and forget them)."""
+        last, self._last = self._last, None
+        if last is None:
+            raise CRMTError(f"the head of modality {self.modality!r} was not called during the model's forward: "
+                            "check that `head` maps each modality to the nn.Linear the model uses")
+        return last
+
+    def extra_repr(self) -> str:
+        return f"modality={self.modality!r}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _example_dict(example_inputs: Any) -> Optional[Dict[str, Tensor]]:
+    if example_inputs is None:
+        return None
+    pair = isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2
+    if pair and isinstance(example_inputs[0], Mapping):
+        example_inputs = example_inputs[0]  # an (inputs, y) batch
+    if not isinstance(example_inputs, Mapping) or not example_inputs:
+        raise CRMTError(f"example_inputs must be a batch dict {{modality: tensor (B, ...)}}, found "
+                        f"{type(example_inputs).__name__}")
+    for name, value in example_inputs.items():
+        if not isinstance(value, Tensor):
+            raise CRMTError(f"example_inputs[{name!r}] must be a tensor, found {type(value).__name__}")
+    return dict(example_inputs)
+
+
 class CRMTWrapper(nn.Module):
     """Wrap a late-fusion model so it trains, integrates and certifies with CRMT.
 
     The model's fusion ``nn.Linear(sum_m d_m, K)`` at ``head`` is replaced **in place** by a
     :class:`~crmt_plugin.head.CRMTHead` initialised from its weights (a trained joint-training head
     converts to the nearest CRMT head). The user's own ``model(...)`` keeps returning fused logits.
+    A fusion that *adds* per-modality logits is given as ``head={name: path of nn.Linear(d_m, K)}``.
 
     Example::
 
-        >>> crmt = CRMTWrapper(model, head="fusion.fc", modalities={"audio": 512, "visual": 512})
-        >>> optimizer = torch.optim.SGD(crmt.parameters(), lr=1e-2)   # build it AFTER wrapping
-        >>> out = crmt({"audio": xa, "visual": xv})     # out.logits (B, K), out.unimodal["audio"] (B, K)
-        >>> loss = crmt_plugin.crmt_loss(out, y, rho=2.0)
+        crmt = CRMTWrapper(model, example_inputs=batch)   # head and modalities discovered, structure checked
+        crmt = CRMTWrapper(model, head="fusion.fc", modalities={"audio": 512, "visual": 512})
+        crmt = CRMTWrapper(model, head={"tab": "tab_head", "sensor": "sensor_head"})   # sum of heads
+        optimizer = torch.optim.SGD(crmt.parameters(), lr=1e-2)   # build it AFTER wrapping
+        out = crmt({"audio": xa, "visual": xv})     # out.logits (B, K), out.unimodal["audio"] (B, K)
+        loss = crmt_plugin.crmt_loss(out, y, rho=2.0)
 
     Args:
-        model: the user's model. Its forward must return the head's output unchanged.
-        head: dotted path of the fusion ``nn.Linear`` (as in ``model.get_submodule``).
+        model: the user's model. Its forward must return the head's output unchanged (possibly
+            inside a tuple, dict or output object: see ``output``).
+        head: dotted path of the fusion ``nn.Linear`` (as in ``model.get_submodule``), or a mapping
+            {modality: dotted path of that modality's ``nn.Linear(d_m, K)``} for a model whose output
+            is the sum of per-modality heads (biases are summed into one CRMT bias). ``None``:
+            discovered from ``example_inputs`` (the ``nn.Linear`` whose output is the model's output,
+            or the per-modality heads whose outputs add up to it).
         modalities: modality name -> feature width, in the order the head's input concatenates them.
-            Input dicts must carry exactly these names.
-        call: how to run the model on an input dict, ``call(model, inputs) -> logits``; default
-            ``model(**inputs)``.
+            Input dicts must carry exactly these names. ``None``: the names are the keys of
+            ``example_inputs`` and the order and widths are measured (or, for a sum of heads, the
+            mapping's keys and the heads' ``in_features``).
+        example_inputs: a batch ``{name: (B, ...)}`` (or an ``(inputs, y)`` batch). With it the
+            late-fusion structure is verified at wrap time (see :mod:`crmt_plugin.structure`), the
+            forward's signature is tried, and anything not given is discovered. Without it the
+            structure is verified by the first :meth:`certify`.
+        output: where the logits are in the model's output: ``None`` (the output, or its ``.logits``),
+            an int (a tuple's element), a str (a dict key or attribute) or a callable ``out -> logits``.
+        call: how to run the model on an input dict, ``call(model, inputs) -> output``; default
+            ``model(**inputs)`` (the forward's parameters must be named after the modalities).
         integration_init: initial a^(m) for every class; default: fitted to the existing head.
         orthonormal: ``True`` (CRMT): orthonormal rows of W~^(m). ``False``: unit-norm rows, which
             reproduce the existing head exactly — to certify or evaluate a trained joint-training
@@ -126,10 +318,12 @@ class CRMTWrapper(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        head: str,
-        modalities: Mapping[str, int],
+        head: Union[None, str, Mapping[str, str]] = None,
+        modalities: Optional[Mapping[str, int]] = None,
         *,
-        call: Optional[Callable[[nn.Module, Inputs], Tensor]] = None,
+        example_inputs: Any = None,
+        output: OutputPicker = None,
+        call: Optional[Callable[[nn.Module, Inputs], Any]] = None,
         integration_init: Optional[float] = None,
         orthonormal: bool = True,
         check_finite: bool = True,
@@ -137,41 +331,217 @@ class CRMTWrapper(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise CRMTError(f"model must be a torch.nn.Module, found {type(model).__name__}")
-        if not isinstance(modalities, Mapping) or not modalities:
+        if modalities is not None and (not isinstance(modalities, Mapping) or not modalities):
             raise CRMTError(f"modalities must map name -> feature width, found {modalities!r}")
+        if isinstance(output, bool) or not (output is None or isinstance(output, (int, str)) or callable(output)):
+            raise CRMTError(f"output must be None, an int, a str or a callable picking the logits, found {output!r}")
         _check_not_data_parallel(model)
-        parent, attr, linear = _resolve(model, head)
-        if isinstance(linear, CRMTHead):
-            raise CRMTError(f"head {head!r} is already a CRMT head: the model was wrapped before")
-        if not isinstance(linear, nn.Linear):
-            raise CRMTError(f"head {head!r} is a {type(linear).__name__}, expected torch.nn.Linear")
+        self._call = call
+        self._output = output
+        example = _example_dict(example_inputs)
+        declared = list(modalities) if modalities is not None else (list(head) if isinstance(head, Mapping) else None)
+        if example is not None and declared is not None and set(example) != set(declared):
+            raise CRMTError(f"example_inputs carries the modalities {sorted(example)}, the model is declared with "
+                            f"{sorted(declared)}")
+        names = declared if declared is not None else (list(example) if example is not None else None)
+        if call is None and names is not None:
+            _check_signature(model, names)
+        if example is not None:
+            self._try_forward(model, example)
+        if head is None or (modalities is None and not isinstance(head, Mapping)):
+            if example is None:
+                raise CRMTError(
+                    "pass head= (the dotted path of the fusion nn.Linear) and modalities= ({name: width} in the "
+                    "order the head concatenates them), or example_inputs= (a batch dict) to discover them"
+                )
+        report: Optional[StructureReport] = None
+        if head is None:
+            head, report = self._discover_head(model, example)
+        if isinstance(head, Mapping):
+            crmt_head, report = self._wrap_sum(model, head, modalities, example, report, integration_init, orthonormal)
+        else:
+            crmt_head, report = self._wrap_concat(model, head, modalities, example, report, integration_init,
+                                                  orthonormal)
+        self.model = model
+        self.head_path = head if isinstance(head, str) else dict(head)
+        self.check_finite = check_finite
+        self.structure: Optional[StructureReport] = report
+        self._verified_key = self._structure_key() if report is not None else None
+
+    # ------------------------------------------------------------------ wrapping
+    def _raw_call(self, model: nn.Module, inputs: Inputs) -> Any:
+        return self._call(model, inputs) if self._call is not None else model(**inputs)
+
+    def _run_on(self, model: nn.Module) -> Callable[[Inputs], Tensor]:
+        return lambda inputs: pick_logits(self._raw_call(model, inputs), self._output)
+
+    def _try_forward(self, model: nn.Module, example: Inputs) -> None:
+        with ModeGuard(model, eval_mode=True), torch.no_grad():
+            try:
+                out = self._raw_call(model, example)
+            except TypeError as exc:
+                how = "your call=" if self._call is not None else "model(**inputs)"
+                raise CRMTError(
+                    f"calling the model as {how} on example_inputs with the modalities {list(example)} failed: "
+                    f"{exc}. Name the forward's arguments after the modalities or pass call=lambda model, inputs: ..."
+                ) from exc
+        logits = pick_logits(out, self._output)
+        if logits.dim() != 2:
+            raise CRMTError(f"the model's logits must have shape (B, K), found {tuple(logits.shape)}; pick them "
+                            "with output=")
+
+    def _discover_head(
+        self, model: nn.Module, example: Inputs
+    ) -> Tuple[Union[str, Dict[str, str]], Optional[StructureReport]]:
+        exact, summands, logits = find_output_layers(model, self._run_on(model), example)
+        num_classes = int(logits.shape[-1])
+        if len(exact) == 1:
+            return exact[0], None
+        if len(exact) > 1:
+            raise CRMTError(f"the model's output is the output of several nn.Linear layers {exact}: the fusion head is "
+                            "ambiguous; pass head= with one of them")
+        if not summands:
+            raise CRMTError(
+                "no nn.Linear produces the model's output, and no set of per-modality nn.Linear outputs adds up "
+                f"to it ({candidates_message(model, num_classes)}). The model must return the fusion head's "
+                "output unchanged (pick it with output= if it returns a tuple or dict); or pass head= explicitly"
+            )
+        modules = {path: model.get_submodule(path) for path in summands}
+        report = probe(model, self._run_on(model), modules, example)
+        mapping: Dict[str, str] = {}
+        for path in summands:
+            if report.mixing(path):
+                check_per_modality(report, {"?": path})
+            owners = sorted({o[0] for o in report.owners(path) if o})
+            if len(owners) != 1:
+                raise CRMTError(
+                    f"the model's output is the sum of {summands}, but the input of {path!r} depends on "
+                    f"{owners or 'no modality'}: each summand must read one modality's features; pass head= "
+                    "explicitly"
+                )
+            if owners[0] in mapping:
+                raise CRMTError(f"the heads {mapping[owners[0]]!r} and {path!r} both read modality {owners[0]!r}: "
+                                "the sum-of-heads fusion is ambiguous; pass head={modality: path} explicitly")
+            mapping[owners[0]] = path
+        missing = [n for n in example if n not in mapping]
+        if missing:
+            raise CRMTError(f"the model's output is the sum of {summands}, but no head reads the modalities "
+                            f"{missing}; pass head= explicitly")
+        return {n: mapping[n] for n in example if n in mapping}, report
+
+    def _check_output_is(self, model: nn.Module, modules: Sequence[nn.Module], example: Inputs, what: str) -> None:
+        """The model's logits must be the head's output (or the sum of the heads' outputs)."""
+        outs: List[Tensor] = []
+        handles = [m.register_forward_hook(lambda _m, _a, out: outs.append(out)) for m in modules]
+        try:
+            with ModeGuard(model, eval_mode=True), torch.no_grad():
+                logits = self._run_on(model)(example)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(outs) == len(modules) and all(isinstance(o, Tensor) and o.shape == logits.shape for o in outs):
+            total = outs[0] if len(outs) == 1 else sum(o.double() for o in outs)
+            scale = max(float(logits.double().abs().max()) if logits.numel() else 1.0, 1.0)
+            if total is logits or torch.allclose(total.double(), logits.double(), rtol=1e-5, atol=1e-6 * scale):
+                return
+        raise CRMTError(
+            f"the model's output is not {what}: the model must return the fusion head's output unchanged for "
+            "the CRMT head's logits to be the model's (post-processing voids the certificate). Pick the logits "
+            "with output= if the model returns a tuple or dict"
+        )
+
+    def _wrap_concat(self, model, head, modalities, example, report, integration_init, orthonormal):
+        linear = _linear_at(model, head)
+        if example is not None:
+            self._check_output_is(model, [linear], example, f"the output of head {head!r}")
+            report = probe(model, self._run_on(model), {head: linear}, example)
+        if modalities is None:
+            assert report is not None
+            modalities = discover_widths(report, head)
         total = sum(modalities.values())
         if total != linear.in_features:
             raise CRMTError(
                 f"modality widths {dict(modalities)} sum to {total}, but head {head!r} has "
                 f"in_features={linear.in_features}"
             )
+        if report is not None:
+            check_concatenated(report, head, modalities)
         crmt_head = CRMTHead.from_linear(linear, modalities, integration_init=integration_init,
                                          orthonormal=orthonormal)
+        parent, attr, _ = _resolve(model, head)
         setattr(parent, attr, crmt_head)
-        self.model = model
-        self.head_path = head
-        self.check_finite = check_finite
-        self._call = call
+        self._shares: Optional[Dict[str, str]] = None
+        self._head_location = head
+        return crmt_head, report
+
+    def _wrap_sum(self, model, head, modalities, example, report, integration_init, orthonormal):
+        if not head:
+            raise CRMTError("head mapping is empty: give {modality: dotted path of its nn.Linear(d_m, K)}")
+        paths = {str(n): p for n, p in head.items()}
+        linears = {n: _linear_at(model, p) for n, p in paths.items()}
+        seen: Dict[int, str] = {}
+        for n, lin in linears.items():
+            if id(lin) in seen:
+                raise CRMTError(f"modalities {seen[id(lin)]!r} and {n!r} map to the same nn.Linear: a sum of heads "
+                                "needs one head per modality")
+            seen[id(lin)] = n
+        outs = {lin.out_features for lin in linears.values()}
+        if len(outs) != 1:
+            raise CRMTError(f"the per-modality heads must all have K outputs; found out_features "
+                            f"{ {n: lin.out_features for n, lin in linears.items()} }")
+        widths = {n: lin.in_features for n, lin in linears.items()}
+        if modalities is not None and dict(modalities) != widths:
+            raise CRMTError(f"modalities {dict(modalities)} do not match the heads' in_features {widths}")
+        if example is not None:
+            self._check_output_is(model, list(linears.values()), example,
+                                  f"the sum of the heads {list(paths.values())}")
+            if report is None:
+                report = probe(model, self._run_on(model), {p: linears[n] for n, p in paths.items()}, example)
+            check_per_modality(report, paths)
+        weight = torch.cat([lin.weight.detach() for lin in linears.values()], dim=1)
+        has_bias = {n: lin.bias is not None for n, lin in linears.items()}
+        virtual = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias.values()),
+                            device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            virtual.weight.copy_(weight)
+            if virtual.bias is not None:
+                virtual.bias.copy_(sum(lin.bias.detach() for lin in linears.values() if lin.bias is not None))
+        crmt_head = CRMTHead.from_linear(virtual, widths, integration_init=integration_init, orthonormal=orthonormal)
+        carrier = next((n for n in paths if has_bias[n]), None)
+        for i, (n, p) in enumerate(paths.items()):
+            share = SummedHeadShare(crmt_head, n, owner=(i == 0), carries_bias=(n == carrier), has_bias=has_bias[n])
+            parent, attr, _ = _resolve(model, p)
+            setattr(parent, attr, share)
+        self._shares = paths
+        self._head_location = f"{next(iter(paths.values()))}.head"
+        return crmt_head, report
+
 
     # ------------------------------------------------------------------ attributes
     @property
     def head(self) -> CRMTHead:
-        """The CRMT head inside the model."""
-        return self.model.get_submodule(self.head_path)
+        """The CRMT head inside the model (for a sum of heads: the one head all shares use)."""
+        return self.model.get_submodule(self._head_location)
 
     @property
     def modalities(self) -> Tuple[str, ...]:
+        """Modality names, in head order (the order of the head's input blocks)."""
         return self.head.modalities
+
+    @property
+    def widths(self) -> "OrderedDict[str, int]":
+        """{name: d_m} in head order."""
+        return OrderedDict(self.head.widths)
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+    @property
+    def structure_verified(self) -> bool:
+        """True when the late-fusion structure was verified for the model as it is now (a submodule
+        replaced since, or another ``call``/``output``, invalidates the verdict)."""
+        return self._verified_key is not None and self._verified_key == self._structure_key()
 
     def integration_weights(self) -> Dict[str, Tensor]:
         """{name: a^(m) (K,)}, detached."""
@@ -182,7 +552,48 @@ class CRMTWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if "model" not in self._modules:
+                raise
             return getattr(self._modules["model"], name)
+
+    # ------------------------------------------------------------------ structure
+    def _structure_key(self) -> tuple:
+        return (tuple(self.head.widths.items()), tuple(id(m) for m in self.model.modules()),
+                id(self._call), repr(self._output) if isinstance(self._output, (int, str)) else id(self._output))
+
+    def _probe_targets(self) -> Dict[str, nn.Module]:
+        if self._shares is None:
+            return {self._head_location: self.head}
+        return {p: self.model.get_submodule(p) for p in self._shares.values()}
+
+    def _discard_last(self) -> None:
+        targets = [self.head] if self._shares is None else list(self._probe_targets().values())
+        for t in targets:
+            t._last = None
+
+    def verify_structure(self, inputs: Inputs) -> StructureReport:
+        """Check the late-fusion structure on a batch (see :mod:`crmt_plugin.structure`) and remember
+        the verdict: raises :class:`CRMTError` when block m of the head's input does not depend on
+        modality m alone (another order, another split, or modalities mixed before the head).
+
+        ``certify`` calls it on its own batch when the structure was not verified yet; call it
+        yourself after replacing a submodule. Returns the :class:`StructureReport`.
+        """
+        inputs = self.check_inputs(inputs)
+        sick = non_finite_modalities(inputs)
+        if sick:
+            raise CRMTError(f"the inputs of modalities {sick} hold NaN/Inf: the structure cannot be checked on them")
+        try:
+            report = probe(self.model, self._run_on(self.model), self._probe_targets(), inputs)
+        finally:
+            self._discard_last()
+        if self._shares is None:
+            check_concatenated(report, self._head_location, self.head.widths)
+        else:
+            check_per_modality(report, self._shares)
+        self.structure = report
+        self._verified_key = self._structure_key()
+        return report
 
     # ------------------------------------------------------------------ forward
     def check_inputs(self, inputs: Inputs) -> Inputs:
@@ -202,14 +613,24 @@ class CRMTWrapper(nn.Module):
                 raise CRMTError(f"input {name!r} must be a tensor, found {type(value).__name__}")
         return inputs
 
+    def _pop_last(self) -> Dict[str, Dict[str, Tensor]]:
+        if self._shares is None:
+            return self.head.pop_last()
+        unimodal: Dict[str, Tensor] = {}
+        features: Dict[str, Tensor] = {}
+        for name, path in self._shares.items():
+            unimodal[name], features[name] = self.model.get_submodule(path).pop_last()
+        return {"unimodal": unimodal, "features": features}
+
     def forward(self, inputs: Inputs) -> CRMTOutput:
         inputs = self.check_inputs(inputs)
-        logits = self._call(self.model, inputs) if self._call is not None else self.model(**inputs)
-        last = self.head.pop_last()
+        logits = pick_logits(self._raw_call(self.model, inputs), self._output)
+        last = self._pop_last()
         if self.check_finite and self.training and torch.is_grad_enabled():
             # A sum is NaN/Inf as soon as one element is (and ~100x cheaper than isfinite on CPU); a
             # non-finite sum of finite values (overflow) is sorted out by the exact check below.
-            probes = [finite_probe(logits)] + [finite_probe(x).to(logits.device) for x in inputs.values() if x.is_floating_point()]
+            probes = [finite_probe(logits)] + [finite_probe(x).to(logits.device)
+                                               for x in inputs.values() if x.is_floating_point()]
             if not bool(torch.isfinite(torch.stack(probes)).all()):  # one host sync per training step
                 bad = int((~torch.isfinite(logits).all(dim=-1)).sum())
                 sick = non_finite_modalities(inputs)
@@ -286,18 +707,23 @@ class CRMTWrapper(nn.Module):
                 f"the CRMT head has non-finite integration weights a {a.tolist()} or bias {bias.tolist()}: "
                 "no certificate can be given (training diverged?)"
             )
-        with ModeGuard(self.model, eval_mode=True), torch.no_grad():
-            out = self(inputs)
-        z = torch.stack([out.unimodal[n] for n in self.modalities], dim=1).double()
-        if y is None:
-            y = out.logits.argmax(dim=1)
-        check_labels(y, z.shape[0], self.num_classes)
+        inputs = self.check_inputs(inputs)
         sick = non_finite_modalities(inputs)
         if sick:
             raise CRMTError(
                 f"the inputs of modalities {sick} hold NaN/Inf: no certificate can be given for them "
                 "(a perturbation ball around a non-finite input means nothing)"
             )
+        batch = min((int(x.shape[0]) for x in inputs.values() if x.dim()), default=0)
+        if not self.structure_verified and batch > 0:
+            self.verify_structure(inputs)  # raises on a model that is not late fusion as declared
+        verified = self.structure_verified
+        with ModeGuard(self.model, eval_mode=True), torch.no_grad():
+            out = self(inputs)
+        z = torch.stack([out.unimodal[n] for n in self.modalities], dim=1).double()
+        if y is None:
+            y = out.logits.argmax(dim=1)
+        check_labels(y, z.shape[0], self.num_classes)
         if not bool(torch.isfinite(z).all()):
             raise CRMTError(
                 f"{int((~torch.isfinite(z)).flatten(1).any(1).sum())} samples have non-finite uni-modal "
@@ -312,16 +738,18 @@ class CRMTWrapper(nn.Module):
                     "the model's output differs from the CRMT head's fused logits: the model must return "
                     "the head's output unchanged for the certificate to hold"
                 )
-            radius, per_modality, correct = radii_from_unimodal(
-                z, a, bias, y.to(z.device), lip, denominator=kind, gram=gram
-            )
+            y = y.to(z.device)
+            margins, denominators, correct = certificate_terms(z, a, bias, y, lip, denominator=kind, gram=gram)
+            radius, per_modality = radii_from_margins(margins, denominators, correct, y)
         return Certificate(
             radius=radius,
             radius_per_modality={n: per_modality[:, i] for i, n in enumerate(self.modalities)},
             correct=correct,
-            sound=lip.sound,
+            sound=lip.sound and verified,
             denominator=kind,
             source=lip.source,
+            margins=stored_margins(margins, y),
+            denominators=denominators,
         )
 
     def gram_matrices(self) -> Tensor:
@@ -348,9 +776,13 @@ class CRMTWrapper(nn.Module):
 
     # ------------------------------------------------------------------ export
     def export(self) -> nn.Module:
-        """A deep copy of the user's model with a plain ``nn.Linear`` head computing the same
-        logits (weight concat_m a^(m) W~^(m), bias b): no CRMT overhead, no dependency."""
+        """A deep copy of the user's model with plain ``nn.Linear`` heads computing the same logits
+        (concatenating head: weight concat_m a^(m) W~^(m), bias b; sum of heads: one
+        ``nn.Linear(d_m, K)`` per modality with weight a^(m) W~^(m), the bias b on the first head that
+        had a bias): no CRMT overhead, no dependency."""
         head = self.head
+        if self._shares is not None:
+            return self._export_sum(head)
         with torch.no_grad():
             weight = head.fused_weight().detach().clone()
             bias = head.bias.detach().clone()
@@ -362,6 +794,25 @@ class CRMTWrapper(nn.Module):
                 linear.bias.copy_(bias)
         memo = {id(head): linear}  # deepcopy substitutes the plain linear for the CRMT head
         plain = copy.deepcopy(self.model, memo)
-        if not isinstance(plain.get_submodule(self.head_path), nn.Linear):  # pragma: no cover - defensive
+        if not isinstance(plain.get_submodule(self._head_location), nn.Linear):  # pragma: no cover - defensive
             raise CRMTError("export failed to replace the CRMT head")
+        return plain
+
+    def _export_sum(self, head: CRMTHead) -> nn.Module:
+        assert self._shares is not None
+        memo: Dict[int, Any] = {}
+        with torch.no_grad():
+            a = head.integration_weights().detach()
+            for i, (name, path) in enumerate(self._shares.items()):
+                share = self.model.get_submodule(path)
+                weight = a[i, :, None] * head.unimodal_weight(name).detach()
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=share.has_bias,
+                                   device=weight.device, dtype=weight.dtype)
+                linear.weight.copy_(weight)
+                if linear.bias is not None:
+                    linear.bias.copy_(head.bias.detach() if share.carries_bias else torch.zeros_like(head.bias))
+                memo[id(share)] = linear
+        plain = copy.deepcopy(self.model, memo)
+        if any(not isinstance(plain.get_submodule(p), nn.Linear) for p in self._shares.values()):  # pragma: no cover
+            raise CRMTError("export failed to replace the per-modality CRMT heads")
         return plain
