@@ -61,7 +61,7 @@ for path in (os.path.dirname(HERE), HERE):  # the repository (no `pip install -e
         sys.path.insert(0, path)
 
 import crmt_plugin  # noqa: E402
-from crmt_plugin.attacks import PGD, margin_loss  # noqa: E402
+from crmt_plugin.attacks import PGD, cw_margin_loss  # noqa: E402
 from crmt_plugin.bounds import LipschitzPenalty, encoder_bounds  # noqa: E402
 from crmt_plugin.certify import Certificate  # noqa: E402
 from crmt_plugin.datasets import load_av_digits  # noqa: E402
@@ -183,7 +183,7 @@ def pgd_flips(model, inputs, y, eps: Tensor, modality: Optional[str], args, seed
         return 0, 0
     sub = {n: t[attacked] for n, t in inputs.items()}
     attack = PGD(eps=eps[attacked].float(), norm="l2", modalities=modality, steps=args.pgd_steps,
-                 restarts=args.pgd_restarts, loss=margin_loss, generator=torch.Generator().manual_seed(seed))
+                 restarts=args.pgd_restarts, loss=cw_margin_loss, generator=torch.Generator().manual_seed(seed))
     adv = attack(model, sub, y[attacked])
     with torch.no_grad():
         logits = model(adv)
@@ -202,7 +202,7 @@ def pgd_min_distance(model, inputs, y, lo: Tensor, hi: float, args, seed: int) -
     def flips(eps: Tensor) -> Tensor:
         out = torch.zeros_like(correct)
         attack = PGD(eps=eps[correct], norm="l2", steps=args.bisection_pgd_steps, restarts=args.pgd_restarts,
-                     loss=margin_loss, generator=torch.Generator().manual_seed(seed))
+                     loss=cw_margin_loss, generator=torch.Generator().manual_seed(seed))
         sub = {n: t[correct] for n, t in inputs.items()}
         adv = attack(model, sub, y[correct])
         with torch.no_grad():

@@ -2,19 +2,19 @@
 
 Random ReLU-MLP encoders with a sound declared bound (product of exact spectral norms), random CRMT
 heads; PGD-l2 with a per-sample budget just below each sample's radius (joint, and each modality
-alone), several restarts, on the Carlini-Wagner margin (the loss that finds the closest boundary). Thousands of samples in all.
+alone), several restarts, on the Carlini-Wagner margin (the loss that finds the closest boundary).
+Thousands of samples in all.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from crmt_plugin import CRMTWrapper
-from crmt_plugin.attacks import PGD, margin_loss
+from crmt_plugin.attacks import PGD, cw_margin_loss
 
 from conftest import LateFusion
 
@@ -31,7 +31,8 @@ def random_mlp_model(seed: int, num_modalities: int, num_classes: int):
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64) * 0.5)
                 layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64) * 0.1)
         encoders[name] = nn.Sequential(first, nn.ReLU(), second, nn.ReLU())
-        bounds[name] = float(torch.linalg.matrix_norm(first.weight.detach(), ord=2) * torch.linalg.matrix_norm(second.weight.detach(), ord=2))
+        norms = [torch.linalg.matrix_norm(layer.weight.detach(), ord=2) for layer in (first, second)]
+        bounds[name] = float(norms[0] * norms[1])
     model = LateFusion(encoders, widths, num_classes).double()
     crmt = CRMTWrapper(model, head="fusion.fc", modalities=widths).eval()
     with torch.no_grad():
@@ -54,7 +55,7 @@ def test_pgd_inside_sound_radius_never_flips(seed, num_modalities, num_classes, 
     targets = [(None, cert.radius)] + [(n, cert.radius_per_modality[n]) for n in crmt.modalities]
     for modality, radius in targets:
         eps = radius * 0.999
-        attack = PGD(eps=eps, norm="l2", modalities=modality, steps=20, restarts=2, loss=margin_loss,
+        attack = PGD(eps=eps, norm="l2", modalities=modality, steps=20, restarts=2, loss=cw_margin_loss,
                      generator=torch.Generator().manual_seed(seed))
         adv = attack(model, inputs, y)
         with torch.no_grad():
@@ -73,8 +74,9 @@ def test_attack_just_outside_the_exact_radius_flips_for_identity_encoders():
     with torch.no_grad():
         y = crmt(inputs).logits.argmax(1)
     cert = crmt.certify(inputs, y, lipschitz={"audio": 1.0, "image": 1.0})
-    adv = PGD(eps=cert.radius * 1.05, norm="l2", steps=50, loss=margin_loss, generator=torch.Generator().manual_seed(0))(
-        lambda x: crmt(x).logits, inputs, y)
+    attack = PGD(eps=cert.radius * 1.05, norm="l2", steps=50, loss=cw_margin_loss,
+                 generator=torch.Generator().manual_seed(0))
+    adv = attack(lambda x: crmt(x).logits, inputs, y)
     with torch.no_grad():
         flipped = (crmt(adv).logits.argmax(1) != y).double().mean()
     assert flipped > 0.9

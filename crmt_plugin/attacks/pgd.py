@@ -1,0 +1,305 @@
+"""Gradient attacks: :class:`PGD` (constant or APGD step-size schedule, restarts, targeted runs) and
+:class:`FGM` (one full step), siblings on :class:`~crmt_plugin.attacks.base.Attack`."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..errors import CRMTError
+from .balls import bcast
+from .base import Attack, AttackBatch, Best, BoundValue, Budget, ModelCall, check_budget
+from .losses import LossFn, resolve_loss
+
+__all__ = ["PGD", "FGM"]
+
+_SCHEDULES = ("constant", "apgd")
+
+
+def _where(mask: Tensor, a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    return {n: torch.where(bcast(mask, a[n]).bool(), a[n], b[n]) for n in a}
+
+
+class PGD(Attack):
+    """Projected gradient ascent on any subset of modalities, l2 or linf, joint or per-modality budgets.
+
+    Example::
+
+        attack = PGD(eps=1.0, norm="l2", modalities=["audio"], steps=10, restarts=2,
+                     bounds={"audio": (-3.0, 3.0)}, generator=torch.Generator().manual_seed(0))
+        adv = attack(model, inputs, y)   # inputs: {"audio": (B, 13, 32), "image": (B, 1, 28, 28)}, y: (B,)
+        adv["image"] is inputs["image"]  # True: untouched modalities are the very same tensors
+
+    >>> PGD(eps={"audio": 0.5, "image": 2.0}, steps=50, schedule="apgd", loss="dlr").label
+    'APGD-dlr-l2'
+
+    Args (besides those of :class:`~crmt_plugin.attacks.base.Attack`: eps, norm, modalities, bounds,
+    generator, eval_mode, call):
+        steps: gradient steps per run.
+        step_size: the constant schedule's step: ``None`` (``2.5 * eps / steps`` for each budget), a
+            number (absolute, for every budget) or a mapping name -> step (per-modality budgets
+            only). With ``schedule="apgd"`` the *initial* step (default ``2 * eps``).
+        random_start: start at a random point of the budget (l2: a uniformly random direction, a
+            radius uniform in [0, eps]; linf: uniform in the box).
+        restarts: independent runs (per target class for targeted runs); per sample the worst case
+            is kept: a misclassifying run beats a non-misclassifying one, ties go to the higher loss
+            (targeted runs: to the higher CW margin ``max_{k != y} z_k - z_y``).
+        loss: ``callable(logits, y) -> (B,)`` maximised by the attack, or a name: ``"ce"`` (default),
+            ``"dlr"`` (scale-invariant, Croce & Hein; with fewer than 3 classes, 4 when targeted, the
+            CW margin is used instead), ``"cw"`` (the CW margin). For TRADES use
+            :func:`~crmt_plugin.attacks.trades_kl_loss` with the clean logits as ``y``.
+        schedule: ``"constant"`` (default) or ``"apgd"``: the step-size schedule of APGD (Croce &
+            Hein, 2020): initial step ``2 * eps``, momentum 0.75, and at checkpoints (after 22% of
+            the steps, then shrinking intervals of at least 6%) the step is halved and the run
+            restarted from its best point for every sample whose loss rose in fewer than 75% of the
+            steps since the last checkpoint, or whose best loss did not improve when the step was
+            not halved at the last checkpoint.
+        targets: ``0`` (untargeted, default) or ``k``: one targeted run (x ``restarts``) against each
+            of the ``k`` classes with the highest clean logits besides the true one; the loss is
+            then the targeted version of the named loss (``"dlr"``: targeted DLR, ``"cw"``:
+            ``z_t - z_y``, ``"ce"``: ``-CE(z, t)``) or a ``callable(logits, y, target) -> (B,)``.
+            Needs class labels as ``y``.
+        keep_best: per sample, return the worst-case iterate seen over all steps (default) rather
+            than the last one (the APGD schedule always keeps the best).
+
+    Cost per call: ``max(1, targets) * restarts * steps`` forward+backward passes, plus one forward
+    pass per run (constant schedule with ``keep_best``), one forward+backward per run (APGD: its
+    start point), and one forward for targeted runs (to rank the classes).
+
+    Call: ``attack(model, inputs, y) -> dict`` with the same keys as ``inputs``; device and dtype
+    follow the inputs. The model's parameter gradients are left untouched.
+    """
+
+    name = "PGD"
+
+    def __init__(
+        self,
+        eps: Budget,
+        *,
+        norm: str = "l2",
+        modalities: Optional[Union[str, Sequence[str]]] = None,
+        steps: int = 10,
+        step_size: Optional[Union[float, Mapping[str, float]]] = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        bounds: Optional[Mapping[str, Tuple[BoundValue, BoundValue]]] = None,
+        loss: Union[None, str, LossFn] = None,
+        generator: Optional[torch.Generator] = None,
+        eval_mode: bool = True,
+        keep_best: bool = True,
+        schedule: str = "constant",
+        targets: int = 0,
+        call: Optional[ModelCall] = None,
+    ) -> None:
+        super().__init__(eps, norm=norm, modalities=modalities, bounds=bounds, generator=generator,
+                         eval_mode=eval_mode, call=call)
+        where = type(self).__name__
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise CRMTError(f"{where}: steps must be a positive int, found {steps!r}")
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
+            raise CRMTError(f"{where}: restarts must be a positive int, found {restarts!r}")
+        if restarts > 1 and not random_start:
+            raise CRMTError(f"{where}: restarts={restarts} without random_start gives identical runs; "
+                            "set random_start=True")
+        if isinstance(step_size, Mapping):
+            if self._budgets is None:
+                raise CRMTError(f"{where}: a per-modality step_size needs per-modality budgets (eps as a mapping)")
+            if set(step_size) != set(self._budgets):
+                raise CRMTError(f"{where}: step_size keys {sorted(step_size)} differ from eps keys "
+                                f"{sorted(self._budgets)}")
+        elif step_size is not None:
+            check_budget(step_size, "step_size")
+        if schedule not in _SCHEDULES:
+            raise CRMTError(f"{where}: schedule must be one of {_SCHEDULES}, found {schedule!r}")
+        if not isinstance(targets, int) or isinstance(targets, bool) or targets < 0:
+            raise CRMTError(f"{where}: targets must be an int >= 0 (0: untargeted), found {targets!r}")
+        self.loss_name, self.loss = resolve_loss(loss, targeted=targets > 0)
+        self.steps = steps
+        self.step_size = step_size
+        self.random_start = random_start
+        self.restarts = restarts
+        self.keep_best = keep_best
+        self.schedule = schedule
+        self.targets = targets
+        self._config.update(steps=steps, step_size=step_size, random_start=random_start, restarts=restarts,
+                            loss=loss, keep_best=keep_best, schedule=schedule, targets=targets)
+
+    @property
+    def label(self) -> str:
+        prefix = "APGD" if self.schedule == "apgd" else "PGD"
+        if self.targets:
+            prefix += "-T"
+        named = isinstance(self._config["loss"], str) and self.loss_name != "ce"
+        return f"{prefix}-{self.loss_name}-{self.norm}" if named else f"{prefix}-{self.norm}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._shown()}, loss={self.loss_name})"
+
+    @property
+    def cost(self) -> Dict[str, int]:
+        """Model passes per call on a full batch: ``{"forward_backward": ..., "forward": ...}``."""
+        runs = max(1, self.targets) * self.restarts
+        backward = runs * (self.steps + (1 if self.schedule == "apgd" else 0))
+        forward = (runs if (self.schedule == "constant" and (self.keep_best or self.restarts > 1)) else 0)
+        return {"forward_backward": backward, "forward": forward + (1 if self.targets else 0)}
+
+    # -- the attack ---------------------------------------------------------------------------------
+
+    def _sizes(self, batch: AttackBatch, default: float) -> List[Tensor]:
+        """Per-group step sizes (B,): the given step_size, else ``default * eps`` (``2.5 / steps`` or 2)."""
+        out = []
+        for g in batch.groups:
+            step = self.step_size[g.names[0]] if isinstance(self.step_size, Mapping) else self.step_size
+            if step is None:
+                out.append(default * g.eps)
+            else:
+                out.append(torch.as_tensor(check_budget(step, "step_size"), dtype=g.eps.dtype, device=g.eps.device)
+                           .expand(batch.batch))
+        return out
+
+    def _start(self, batch: AttackBatch) -> Dict[str, Tensor]:
+        return batch.random_start(self.generator) if self.random_start else batch.zeros()
+
+    def run(self, batch: AttackBatch) -> Dict[str, Tensor]:
+        losses: List[Callable[[Tensor], Tensor]] = []
+        y = batch.y
+        fn = self.loss
+        if self.loss_name == "dlr" and batch.labels is not None:  # DLR is undefined for few classes
+            classes = batch.logits(batch.zeros()).shape[1]
+            if classes < (4 if self.targets else 3):
+                fn = resolve_loss("cw", targeted=self.targets > 0)[1]
+        if self.targets:
+            if batch.labels is None:
+                raise CRMTError(f"{self.label}: targeted runs need class labels (B,) as y")
+            clean = batch.logits(batch.zeros())
+            if clean.shape[1] < 2:
+                raise CRMTError(f"{self.label}: targeted runs need at least 2 classes")
+            ranked = clean.scatter(1, batch.labels.long().unsqueeze(1), float("-inf")).argsort(dim=1, descending=True)
+            for t in range(min(self.targets, clean.shape[1] - 1)):
+                target = ranked[:, t]
+                losses.append(lambda z, target=target: fn(z, y, target))
+        else:
+            losses.append(lambda z: fn(z, y))
+        overall = Best()
+        runs = len(losses) * self.restarts
+        for loss in losses:
+            for _ in range(self.restarts):
+                if self.schedule == "apgd":
+                    result = self._apgd(batch, loss)
+                else:
+                    result = self._constant(batch, loss, evaluate_last=runs > 1)
+                if runs == 1:
+                    return result.deltas  # type: ignore[return-value]
+                score = result.margin if (self.targets and result.margin is not None) else result.score
+                assert result.deltas is not None and score is not None and result.wrong is not None
+                overall.consider(result.deltas, score, result.wrong)
+        assert overall.deltas is not None
+        return overall.deltas
+
+    def _constant(self, batch: AttackBatch, loss: Callable[[Tensor], Tensor], evaluate_last: bool) -> Best:
+        best = Best()
+        sizes = self._sizes(batch, 2.5 / self.steps)
+        deltas = self._start(batch)
+        for _ in range(self.steps):
+            value, wrong, margin, grads = batch.evaluate(deltas, loss, need_grad=True)
+            if self.keep_best:
+                best.consider(deltas, value, wrong, margin)
+            assert grads is not None
+            deltas = batch.project(batch.step(deltas, grads, sizes))
+        if self.keep_best or evaluate_last:
+            value, wrong, margin, _ = batch.evaluate(deltas, loss, need_grad=False)
+            best.consider(deltas, value, wrong, margin)
+        else:
+            best.deltas = deltas
+        return best
+
+    def _apgd(self, batch: AttackBatch, loss: Callable[[Tensor], Tensor]) -> Best:
+        steps = self.steps
+        interval = max(int(0.22 * steps), 1)
+        shrink, shortest = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+        sizes = self._sizes(batch, 2.0)
+        x = self._start(batch)
+        value, wrong, margin, grad = batch.evaluate(x, loss, need_grad=True)
+        assert grad is not None
+        best = Best()
+        best.consider(x, value, wrong, margin)
+        best_loss, x_best, grad_best = value.clone(), dict(x), dict(grad)
+        previous_loss, x_prev = value, dict(x)
+        rises = torch.zeros_like(value)
+        best_at_check = best_loss.clone()
+        halved_last = torch.ones_like(wrong)
+        since = 0
+        for i in range(steps):
+            momentum = 0.75 if i > 0 else 1.0
+            z = batch.project(batch.step(x, grad, sizes))
+            moved = {n: x[n] + momentum * (z[n] - x[n]) + (1 - momentum) * (x[n] - x_prev[n]) for n in x}
+            x_prev, x = x, batch.project(moved)
+            value, wrong, margin, grad = batch.evaluate(x, loss, need_grad=True)
+            assert grad is not None
+            best.consider(x, value, wrong, margin)
+            rises = rises + (value > previous_loss).to(rises.dtype)
+            previous_loss = value
+            improved = value > best_loss
+            x_best, grad_best = _where(improved, x, x_best), _where(improved, grad, grad_best)
+            best_loss = torch.where(improved, value, best_loss)
+            since += 1
+            if since == interval and i < steps - 1:
+                stalled = rises <= 0.75 * interval
+                no_progress = ~halved_last & (best_at_check >= best_loss)
+                halve = stalled | no_progress
+                halved_last, best_at_check = halve, best_loss.clone()
+                sizes = [torch.where(halve.to(s.device), s / 2, s) for s in sizes]
+                x, grad = _where(halve, x_best, x), _where(halve, grad_best, grad)
+                rises = torch.zeros_like(rises)
+                since = 0
+                interval = max(interval - shrink, shortest)
+        return best
+
+
+class FGM(Attack):
+    """Fast gradient method: one step of the full budget from the clean point (no random start).
+
+    l2: ``delta = eps * g / ||g||`` (joint norm over the attacked modalities, or per modality with
+    per-modality budgets); linf: ``delta = eps * sign(g)`` (FGSM). A zero gradient gives a zero step.
+    Cost: one forward+backward pass.
+
+    Example::
+
+        adv = FGM(eps=0.2, modalities="image")(model, inputs, y)     # adv["audio"] is inputs["audio"]
+
+    >>> FGM(eps={"audio": 0.1, "image": 0.3}, norm="linf").label
+    'FGM-linf'
+
+    Args: those of :class:`~crmt_plugin.attacks.base.Attack`, and ``loss`` as in :class:`PGD`.
+    """
+
+    name = "FGM"
+
+    def __init__(
+        self,
+        eps: Budget,
+        *,
+        norm: str = "l2",
+        modalities: Optional[Union[str, Sequence[str]]] = None,
+        bounds: Optional[Mapping[str, Tuple[BoundValue, BoundValue]]] = None,
+        loss: Union[None, str, LossFn] = None,
+        eval_mode: bool = True,
+        generator: Optional[torch.Generator] = None,
+        call: Optional[ModelCall] = None,
+    ) -> None:
+        super().__init__(eps, norm=norm, modalities=modalities, bounds=bounds, generator=generator,
+                         eval_mode=eval_mode, call=call)
+        self.loss_name, self.loss = resolve_loss(loss, targeted=False)
+        self._config.update(loss=loss)
+
+    @property
+    def cost(self) -> Dict[str, int]:
+        return {"forward_backward": 1, "forward": 0}
+
+    def run(self, batch: AttackBatch) -> Dict[str, Tensor]:
+        y = batch.y
+        _, _, _, grads = batch.evaluate(batch.zeros(), lambda z: self.loss(z, y), need_grad=True)
+        assert grads is not None
+        return batch.project(batch.step(batch.zeros(), grads, [g.eps for g in batch.groups]))
