@@ -398,8 +398,8 @@ class CRMTWrapper(nn.Module):
         if len(exact) == 1:
             return exact[0], None
         if len(exact) > 1:
-            raise CRMTError(f"the model's output is the output of several nn.Linear layers {exact}: the fusion head is "
-                            "ambiguous; pass head= with one of them")
+            raise CRMTError(f"the model's output is the output of several nn.Linear layers {sorted(exact)}: the fusion "
+                            "head is ambiguous; pass head= with one of them")
         if not summands:
             raise CRMTError(
                 "no nn.Linear produces the model's output, and no set of per-modality nn.Linear outputs adds up "
