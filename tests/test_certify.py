@@ -179,33 +179,7 @@ def trained_cnn(steps=15, seed=0):
     return crmt, data
 
 
-@pytest.mark.parametrize("declared", [False, True])
-def test_fit_integration_raises_radius_and_changes_nothing_else(declared):
-    crmt, data = trained_cnn()
-    crmt.train()
-    lip = LipschitzConstants.declared({"audio": 5.0, "image": 5.0}) if declared else crmt.estimate_lipschitz(data)
-    before_state = {k: v.clone() for k, v in crmt.state_dict().items()}
-    radius_before = torch.cat([crmt.certify(x, y, lipschitz=lip).radius for x, y in data]).mean()
-    result = crmt.fit_integration(data, lipschitz=lip, epochs=30, lr=5e-2, batch_size=32,
-                                  generator=torch.Generator().manual_seed(0))
-    radius_after = torch.cat([crmt.certify(x, y, lipschitz=lip).radius for x, y in data]).mean()
-    assert result.mean_radius_after > result.mean_radius_before
-    assert radius_after > radius_before
-    torch.testing.assert_close(radius_after, torch.tensor(result.mean_radius_after, dtype=torch.float64),
-                               rtol=1e-4, atol=1e-6)
-    assert crmt.training
-    after_state = crmt.state_dict()
-    changed = [k for k in before_state if not torch.equal(before_state[k], after_state[k])]
-    assert changed and all(".integration." in k for k in changed), changed
-    assert (crmt.head.integration_weights() >= 0).all()
-
-
-def test_fit_integration_with_zero_epochs_is_a_no_op():
-    crmt, data = trained_cnn(steps=3)
-    before = {k: v.clone() for k, v in crmt.state_dict().items()}
-    result = crmt.fit_integration(data, lipschitz={"audio": 1.0, "image": 1.0}, epochs=0)
-    assert result.best_epoch == 0 and result.mean_radius_after == result.mean_radius_before
-    assert all(torch.equal(before[k], v) for k, v in crmt.state_dict().items())
+# step-2 tests (fit_integration) live in tests/test_integration.py
 
 
 def test_step_two_refuses_nan_logits():
