@@ -77,8 +77,8 @@ To *train* encoders whose bounds are small enough for non-trivial sound radii, a
 
 Modules: ``rounding`` (upward arithmetic), ``plan`` (compiled plans), ``registry`` (rules and declarations),
 ``dense`` (dense operator norms), one module per layer family (``linear``, ``conv``, ``norm``,
-``activations``, ``pooling``, ``dropout``, ``tensor_ops``), ``graph`` (composition, torch.fx, the
-unsupported-layer check), ``penalty`` and ``upper_bound`` (the entry points).
+``activations``, ``pooling``, ``dropout``, ``tensor_ops``), ``graph`` (composition and the
+unsupported-layer check), ``traced`` (torch.fx), ``penalty`` and ``upper_bound`` (the entry points).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .rounding import add_up, mul_up
 
-__all__ = ["Shape", "Context", "Plan", "Fixed", "Chain", "Sum", "walk", "join", "where", "how_to_declare"]
+__all__ = ["Shape", "Context", "Plan", "Fixed", "Chain", "Sum", "walk", "is_nonexpansive", "join", "where",
+           "how_to_declare"]
 
 Shape = Tuple[int, ...]
 
@@ -140,6 +141,11 @@ class Sum(Plan):
         for part in self.parts:
             total = total + part.estimate()
         return total
+
+
+def is_nonexpansive(plan: Plan) -> bool:
+    """Whether a compiled layer is known to be 1-Lipschitz (a constant bound <= 1)."""
+    return isinstance(plan, Fixed) and plan.value() <= 1.0
 
 
 def walk(plan: Plan) -> Iterator[Plan]:

@@ -54,7 +54,7 @@ from .plan import Context, Fixed, Plan, Shape, where
 __all__ = [
     "BoundLike", "declare_lipschitz", "declared", "forward_owner", "LayerSite", "LayerRule", "lipschitz_rule",
     "remove_lipschitz_rule", "rule_for", "registered_types", "functional_layer", "functional_layer_for",
-    "tensor_op", "tensor_op_for", "op_key",
+    "tensor_op", "tensor_op_for", "tensor_op_problem", "op_key",
 ]
 
 BoundLike = Union[float, Callable[[nn.Module, Shape], float]]
@@ -251,6 +251,7 @@ def registered_types() -> Tuple[type, ...]:
 OpKey = Union[Callable, Tuple[str, str]]
 _FUNCTIONAL: Dict[Any, Callable[[list, dict, bool], nn.Module]] = {}
 _TENSOR_OPS: Dict[Any, Callable[[Any], None]] = {}
+_TENSOR_OP_CHECKS: Dict[Any, Callable[[int], Optional[str]]] = {}
 
 
 def op_key(op: str, target: Any) -> Any:
@@ -284,11 +285,18 @@ def functional_layer_for(key: Any) -> Optional[Callable[[list, dict, bool], nn.M
         return None
 
 
-def tensor_op(*targets: Callable, methods: Tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Register ``handler(call)`` for tensor operations of a traced forward (``call``: see ``graph.TracedCall``)."""
+def tensor_op(*targets: Callable, methods: Tuple[str, ...] = (),
+              check: Optional[Callable[[int], Optional[str]]] = None) -> Callable[[Callable], Callable]:
+    """Register ``handler(call)`` for tensor operations of a traced forward (``call``: see ``traced.TracedCall``).
+
+    ``check(n_inputs)``: what the unsupported-layer check reports when the operation is called with
+    ``n_inputs`` input-dependent arguments (e.g. ``x * x``), or None when that is fine.
+    """
     def register(handler: Callable) -> Callable:
         for key in _keys(targets, methods):
             _TENSOR_OPS[key] = handler
+            if check is not None:
+                _TENSOR_OP_CHECKS[key] = check
         return handler
 
     return register
@@ -300,3 +308,12 @@ def tensor_op_for(key: Any) -> Optional[Callable[[Any], None]]:
         return _TENSOR_OPS.get(key)
     except TypeError:
         return None
+
+
+def tensor_op_problem(key: Any, n_inputs: int) -> Optional[str]:
+    """Why the operation cannot be bounded with ``n_inputs`` input-dependent arguments, or None (see ``check``)."""
+    try:
+        check = _TENSOR_OP_CHECKS.get(key)
+    except TypeError:
+        return None
+    return None if check is None else check(n_inputs)

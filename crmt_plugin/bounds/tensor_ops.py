@@ -12,8 +12,8 @@ cat / stack (not on the batch dim)             sqrt(L(u)^2 + L(v)^2)
 mean / sum over n non-batch entries            1 / sqrt(n) / sqrt(n)
 =============================================  ================================================================
 
-The handlers are called by the fx walk (:class:`~crmt_plugin.bounds.graph.TraceCompiler`) with a
-:class:`~crmt_plugin.bounds.graph.TracedCall`. Example (``x.view`` and ``x * 0.5`` of a traced forward):
+The handlers are called by the fx walk (:class:`~crmt_plugin.bounds.traced.TraceCompiler`) with a
+:class:`~crmt_plugin.bounds.traced.TracedCall`. Example (``x.view`` and ``x * 0.5`` of a traced forward):
 
     >>> import torch
     >>> from torch import nn
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -84,9 +84,14 @@ def neg_op(call: Any) -> None:
     call.emit("scale", 1.0, [call.single()])
 
 
+def _one_factor(n_inputs: int) -> Optional[str]:
+    return "multiplies two input-dependent tensors (not Lipschitz in general)" if n_inputs > 1 else None
+
+
 def _scale_op(call: Any, divide: bool) -> None:
-    if len(call.inputs) != 1:
-        raise call.refuse("multiplies two input-dependent tensors (not Lipschitz in general)")
+    problem = _one_factor(len(call.inputs))
+    if problem:
+        raise call.refuse(problem)
     x = call.x
     other = call.args[1] if len(call.args) > 1 else call.kwargs.get("other")
     if not divide and x is not call.inputs[0]:            # c * x
@@ -105,12 +110,12 @@ def _scale_op(call: Any, divide: bool) -> None:
         raise call.refuse("multiplies by a value that is not a number or a parameter/buffer")
 
 
-@tensor_op(operator.mul, torch.mul, operator.imul, methods=("mul", "mul_"))
+@tensor_op(operator.mul, torch.mul, operator.imul, methods=("mul", "mul_"), check=_one_factor)
 def mul_op(call: Any) -> None:
     _scale_op(call, divide=False)
 
 
-@tensor_op(operator.truediv, torch.div, operator.itruediv, methods=("div", "div_"))
+@tensor_op(operator.truediv, torch.div, operator.itruediv, methods=("div", "div_"), check=_one_factor)
 def div_op(call: Any) -> None:
     _scale_op(call, divide=True)
 
