@@ -62,9 +62,10 @@ class _Factors(NamedTuple):
     """What the cache keeps per modality: the key it was computed for and the detached results.
 
     ``source`` is a weak reference to the parameter (a tensor swapped in by ``functional_call``, a
-    deep copy or a re-created parameter is another object: a miss); ``version``, ``data_ptr``,
-    ``dtype`` and ``device`` catch in-place updates (optimiser steps, ``load_state_dict``, edits under
-    ``no_grad``) and ``.to(...)``. ``q`` (d, K) and ``r`` (K, K) are the QR factors of V^T and
+    deep copy or a re-created parameter is another object: a miss); ``key`` holds the number of
+    optimiser steps taken in the process and the parameter's version counter, ``data_ptr``, dtype
+    and device: optimiser steps (fused ones too), ``load_state_dict``, edits under ``no_grad`` and
+    ``.to(...)`` all change it. ``q`` (d, K) and ``r`` (K, K) are the QR factors of V^T and
     ``signs`` (K,) the sign fix, for the backward; ``weight`` is W~ (K, d). For unit-norm rows
     (K > d or ``orthonormal=False``) ``q``/``r``/``signs`` are None and ``r`` holds nothing.
     """
@@ -77,8 +78,28 @@ class _Factors(NamedTuple):
     signs: Optional[Tensor]
 
 
+class _OptimiserSteps:
+    """Counts ``torch.optim`` optimiser steps in this process (a global post-step hook, registered
+    when the first CRMTHead is built). Part of the cache key: a fused optimiser (``Adam(fused=True)``)
+    updates parameters without bumping their version counters, so the version alone is not enough."""
+
+    count = 0
+    handle: Any = None
+
+    @classmethod
+    def hook(cls, optimizer: Any, args: Any, kwargs: Any) -> None:
+        cls.count += 1
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.handle is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            cls.handle = register_optimizer_step_post_hook(cls.hook)
+
+
 def _key(v: Tensor) -> Tuple[Any, ...]:
-    return (v._version, v.data_ptr(), v.dtype, v.device)
+    return (_OptimiserSteps.count, v._version, v.data_ptr(), v.dtype, v.device)
 
 
 class _CachedOrthonormalRows(torch.autograd.Function):
@@ -201,6 +222,7 @@ class CRMTHead(nn.Module):
         self._last: Optional[Dict[str, Dict[str, Tensor]]] = None
         self.cache_directions = True
         self._factors: Dict[str, _Factors] = {}
+        _OptimiserSteps.install()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -300,10 +322,12 @@ class CRMTHead(nn.Module):
         """Forget the cached W~ (and QR factors) of every modality.
 
         The cache is keyed on each ``directions`` parameter's version counter, storage, dtype and
-        device, so optimiser steps, ``load_state_dict``, in-place edits under ``torch.no_grad()``,
-        ``.to(...)`` and DDP's broadcasts are all seen. Writes through ``param.data`` are not (autograd
-        does not count them): call this after such an edit, or set ``head.cache_directions = False``
-        to compute W~ at every call.
+        device and on the count of ``torch.optim`` steps taken in the process, so optimiser steps
+        (fused ones too), ``load_state_dict``, in-place edits under ``torch.no_grad()``, ``.to(...)``
+        and DDP's broadcasts are all seen. Writes through ``param.data`` are not (autograd does not
+        count them; ``torch.autograd.gradcheck`` perturbs inputs that way), nor is an optimiser of
+        your own that is no ``torch.optim.Optimizer`` and writes through ``.data``: call this after
+        such an edit, or set ``head.cache_directions = False`` to compute W~ at every call.
         """
         self._factors = {}
 
