@@ -51,15 +51,16 @@ def default_attacks(
     """The attacks :func:`check_certificates` runs by default, for per-sample l2 budgets ``eps`` (B,).
 
     l2 PGD with ``steps`` steps, ``restarts`` random restarts and the Carlini-Wagner margin loss;
-    plus :func:`crmt_plugin.attacks.strong_attack` (APGD with CE, DLR and targeted losses) when the
-    installed version has it. ``modalities=None`` attacks all modalities jointly.
+    plus :func:`crmt_plugin.attacks.strong_attack` (APGD with CE, DLR and targeted losses; at most
+    50 steps and 2 restarts) when the installed version has it. ``modalities=None`` attacks all modalities jointly.
     """
     loss = getattr(attacks, "cw_margin_loss", None) or getattr(attacks, "margin_loss")
     members: List[Any] = [attacks.PGD(eps, norm="l2", modalities=modalities, steps=steps, restarts=restarts,
                                       loss=loss, generator=generator)]
     strong = getattr(attacks, "strong_attack", None)
     if strong is not None:
-        members.append(strong(eps, norm="l2", modalities=modalities, generator=generator))
+        members.append(strong(eps, norm="l2", modalities=modalities, generator=generator, steps=min(steps, 50),
+                              restarts=min(restarts, 2)))
     return members
 
 

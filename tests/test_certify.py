@@ -206,3 +206,98 @@ def test_loader_layout_errors_and_prepare_batch():
     assert lip.values.shape == (2, 5)
     with pytest.raises(CRMTError, match="empty"):
         crmt.estimate_lipschitz([])
+
+
+# ============================================================================ per-modality budgets
+def exact_budget_margins(crmt, model, inputs, y):
+    """Linear encoders: the exact worst case under per-modality budgets eps_m against class k is
+    m_k - sum_m eps_m ||G_y^(m) - G_k^(m)||; returns margins (B, K), norms (B, M, K), jacobians."""
+    head = crmt.head
+    a = head.integration_weights()
+    jac = {n: (a[i, :, None] * head.unimodal_weight(n) @ model.encoders[n].weight).detach()
+           for i, n in enumerate(crmt.modalities)}
+    with torch.no_grad():
+        logits = crmt(inputs).logits
+    margins = logits.gather(1, y[:, None]) - logits
+    norms = torch.stack([(g[y][:, None, :] - g[None]).norm(dim=-1) for g in jac.values()], dim=1)
+    return margins, norms, jac
+
+
+@given(num_modalities=st.sampled_from([2, 3]), num_classes=st.integers(2, 5), width=st.integers(1, 6),
+       seed=st.integers(0, 10_000), data=st.data())
+def test_per_modality_budgets_are_never_violated_by_the_exact_worst_case(num_modalities, num_classes, width, seed,
+                                                                         data):
+    crmt, model, inputs, y = linear_setup(num_modalities, num_classes, 3, width, seed)
+    spectral = {n: float(torch.linalg.matrix_norm(model.encoders[n].weight.detach(), ord=2)) for n in crmt.modalities}
+    kind = data.draw(st.sampled_from(["tight", "paper"]))
+    cert = crmt.certify(inputs, y, lipschitz=spectral, denominator=kind)
+    assert cert.margins.shape == (16, num_classes) and cert.denominators.shape == (16, num_modalities, num_classes)
+    scale = float(cert.radius_per_modality[crmt.modalities[0]][cert.correct].median()) if cert.correct.any() else 1.0
+    eps = {n: data.draw(st.floats(0, 2)) * scale for n in crmt.modalities}
+    certified = cert.certified(eps)
+    margins, norms, jac = exact_budget_margins(crmt, model, inputs, y)
+    budgets = torch.tensor([eps[n] for n in crmt.modalities], dtype=torch.float64)
+    worst = margins - torch.einsum("bmk,m->bk", norms, budgets)  # exact worst-case margin per class
+    is_label = torch.nn.functional.one_hot(y, num_classes).bool()
+    exact = cert.correct & torch.where(is_label, torch.ones_like(worst), worst).gt(-1e-9).all(1)
+    assert bool((~certified | exact).all())  # certified => provably safe
+    # and the explicit worst-case perturbation against every class keeps the prediction
+    for k in range(num_classes):
+        adv = {}
+        for i, n in enumerate(crmt.modalities):
+            g = jac[n][y] - jac[n][k][None]
+            adv[n] = inputs[n] - eps[n] * g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        with torch.no_grad():
+            logits = crmt(adv).logits
+        kept = (logits.gather(1, y[:, None]) - logits >= -1e-9 * (1 + logits.abs())).all(1)
+        assert bool(kept[certified].all())
+
+
+def test_per_modality_budgets_reduce_to_the_radii():
+    crmt, model, inputs, y = linear_setup(3, 4, 3, 5, seed=7)
+    cert = crmt.certify(inputs, y, lipschitz={"a": 2.0, "b": 1.0, "c": 3.0})
+    assert torch.equal(cert.certified({}), cert.correct)  # no budget: exactly the correct samples
+    for n in crmt.modalities:
+        r = cert.radius_per_modality[n]
+        below, above = cert.certified({n: r * (1 - 1e-9)}), cert.certified({n: r * (1 + 1e-9)})
+        assert torch.equal(below, cert.correct) and not above.any()
+        zeros = {m: 0.0 for m in crmt.modalities if m != n}
+        assert torch.equal(cert.certified({n: r * (1 - 1e-9), **zeros}), cert.correct)
+    # the joint ball lies inside the region: any budgets with l2 norm < radius are certified
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        direction = torch.rand(3, generator=gen, dtype=torch.float64)
+        direction = direction / direction.norm()
+        eps = {n: cert.radius * (1 - 1e-9) * direction[i] for i, n in enumerate(crmt.modalities)}
+        assert torch.equal(cert.certified(eps), cert.correct)
+    with pytest.raises(CRMTError, match=r"\['x'\]"):
+        cert.certified({"x": 1.0})
+    with pytest.raises(CRMTError, match=">= 0"):
+        cert.certified({"a": -1.0})
+    with pytest.raises(CRMTError, match="must map modality name -> budget"):
+        cert.certified(0.5)
+
+
+def test_frontier_bounds_the_region_and_plots():
+    crmt, model, inputs, y = linear_setup(3, 4, 3, 5, seed=7)
+    cert = crmt.certify(inputs, y, lipschitz={"a": 2.0, "b": 1.0, "c": 3.0})
+    i = int(cert.correct.nonzero()[0])
+    ex, ey = cert.frontier(i, ("a", "b"), steps=21)
+    assert ex.shape == ey.shape == (21,) and float(ex[0]) == 0
+    torch.testing.assert_close(ex[-1], cert.radius_per_modality["a"][i], rtol=1e-9, atol=0)
+    torch.testing.assert_close(ey[0], cert.radius_per_modality["b"][i], rtol=1e-9, atol=0)
+    assert bool((ey[1:] <= ey[:-1] + 1e-12).all())  # a frontier falls
+    one = lambda v: torch.tensor([float(v)] * len(y), dtype=torch.float64)  # noqa: E731
+    for x_, y_ in zip(ex[:-1].tolist(), ey[:-1].tolist()):
+        assert bool(cert.certified({"a": one(x_), "b": one(y_ * (1 - 1e-6))})[i])
+        assert not bool(cert.certified({"a": one(x_), "b": one(y_ * (1 + 1e-6) + 1e-12)})[i])
+    fixed_x, fixed_y = cert.frontier(i, ("a", "b"), others={"c": float(cert.radius_per_modality["c"][i]) / 2})
+    assert float(fixed_x[-1]) < float(ex[-1])  # a budget on c shrinks the region
+    wrong = int((~cert.correct).nonzero()[0])
+    assert cert.frontier(wrong, ("a", "b"))[0].numel() == 0
+    matplotlib = pytest.importorskip("matplotlib", reason="the plot needs the optional matplotlib")
+    matplotlib.use("Agg")
+    ax = cert.plot_region(i, ("a", "b"))
+    assert ax.get_xlabel().startswith("budget of a") and len(ax.lines) >= 3
+    import matplotlib.pyplot as plt
+    plt.close("all")
