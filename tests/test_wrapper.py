@@ -57,8 +57,8 @@ def test_conversion_from_linear_head(k, d1, d2, seed):
 def test_conversion_is_exact_when_rows_are_already_orthogonal():
     linear = nn.Linear(10, 3).double()
     with torch.no_grad():
-        q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
-        linear.weight.copy_(torch.cat([q[:3, :6] * 0 + torch.eye(3, 6, dtype=torch.float64) * torch.tensor([[2.], [0.5], [1.]]),
+        scales = torch.tensor([[2.], [0.5], [1.]], dtype=torch.float64)
+        linear.weight.copy_(torch.cat([torch.eye(3, 6, dtype=torch.float64) * scales,
                                        torch.eye(3, 4, dtype=torch.float64) * 3.0], dim=1))
     head = CRMTHead.from_linear(linear, {"a": 6, "b": 4})
     x = torch.randn(5, 10, dtype=torch.float64)
@@ -247,3 +247,62 @@ def test_unit_row_conversion_reproduces_a_trained_joint_head_exactly():
     bounds = {n: float(torch.linalg.matrix_norm(model.encoders[n].weight.detach(), ord=2)) for n in ("a", "b")}
     cert = crmt.certify(inputs, y, lipschitz=bounds)
     assert cert.sound and bool((cert.radius <= exact * (1 + 1e-9)).all()) and bool((cert.radius > 0).all())
+
+
+# ============================================================================ exact mode restore (issue 12 item 5)
+def frozen_bn_crmt(**kw):
+    model = cnn_model()
+    crmt = wrap(model, **kw)
+    crmt.train()
+    frozen = model.encoders["audio"][1]  # a BatchNorm frozen for fine-tuning, inside a training model
+    frozen.eval()
+    return crmt, frozen
+
+
+@pytest.mark.parametrize("step", ["certify", "estimate_lipschitz", "fit_integration", "verify_structure", "wrap"])
+def test_a_frozen_batchnorm_stays_frozen(step):
+    inputs, y = cnn_batch(batch=16)
+    lip = crmt_plugin.LipschitzConstants.declared({"audio": 3.0, "image": 3.0})
+    if step == "wrap":  # the wrap-time probe runs the model too
+        model = cnn_model()
+        model.train()
+        model.encoders["audio"][1].eval()
+        before = {name: m.training for name, m in model.named_modules()}
+        stats = model.encoders["audio"][1].running_mean.clone()
+        crmt = CRMTWrapper(model, head="fusion.fc", modalities=model.widths, example_inputs=inputs)
+        after = {name: m.training for name, m in model.named_modules() if name in before}
+        assert after == before and not model.encoders["audio"][1].training
+        assert torch.equal(model.encoders["audio"][1].running_mean, stats)
+        assert crmt.structure_verified
+        return
+    crmt, frozen = frozen_bn_crmt()
+    before = {name: m.training for name, m in crmt.named_modules()}
+    {
+        "certify": lambda: crmt.certify(inputs, y, lipschitz=lip),
+        "estimate_lipschitz": lambda: crmt.estimate_lipschitz([(inputs, y)]),
+        "fit_integration": lambda: crmt.fit_integration([(inputs, y)], lipschitz=lip, epochs=1),
+        "verify_structure": lambda: crmt.verify_structure(inputs),
+    }[step]()
+    after = {name: m.training for name, m in crmt.named_modules()}
+    assert after == before
+    assert not frozen.training and crmt.training and crmt.model.encoders["image"][1].training
+
+
+# ============================================================================ public discovery attributes
+def test_modalities_and_widths_are_public_and_in_head_order(cnn):
+    crmt = wrap(cnn)
+    assert crmt.modalities == ("audio", "image")
+    assert list(crmt.widths.items()) == [("audio", 16), ("image", 12)]
+    inputs, _ = cnn_batch()
+    discovered = CRMTWrapper(cnn_model(), example_inputs=inputs)
+    assert discovered.head_path == "fusion.fc" and discovered.widths == crmt.widths
+    batch_pair = cnn_batch()
+    assert CRMTWrapper(cnn_model(), example_inputs=batch_pair).modalities == ("audio", "image")  # (inputs, y)
+
+
+def test_example_inputs_must_match_the_declared_modalities():
+    inputs, _ = cnn_batch()
+    with pytest.raises(CRMTError, match=r"example_inputs carries the modalities \['audio', 'image'\]"):
+        CRMTWrapper(cnn_model(), head="fusion.fc", modalities={"audio": 16, "video": 12}, example_inputs=inputs)
+    with pytest.raises(CRMTError, match="batch dict"):
+        CRMTWrapper(cnn_model(), example_inputs=[1, 2, 3])
