@@ -20,7 +20,13 @@ __all__ = ["is_distributed", "all_reduce_max", "all_reduce_sum", "raise_on_every
 
 
 def is_distributed() -> bool:
-    """True inside an initialised process group of more than one rank."""
+    """True inside an initialised process group of more than one rank.
+
+    Example (a single process)::
+
+        >>> is_distributed()
+        False
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -33,18 +39,41 @@ def _all_reduce(tensor: Tensor, op) -> Tensor:
 
 
 def all_reduce_max(tensor: Tensor) -> Tensor:
-    """Element-wise max over ranks (e.g. Lipschitz estimates)."""
+    """Element-wise max over ranks (e.g. Lipschitz estimates), any shape; a detached copy under
+    ``torch.distributed``, the tensor itself in a single process.
+
+    Example (a single process: nothing to reduce)::
+
+        >>> all_reduce_max(torch.tensor([1.0, 3.0]))
+        tensor([1., 3.])
+    """
     return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Element-wise sum over ranks (e.g. gradient and radius sums of step 2)."""
+    """Element-wise sum over ranks (e.g. gradient and radius sums of step 2), any shape; a detached
+    copy under ``torch.distributed``, the tensor itself in a single process.
+
+    Example (a single process)::
+
+        >>> all_reduce_sum(torch.tensor([2.0]))
+        tensor([2.])
+    """
     return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def raise_on_every_rank(failure: Optional[BaseException], device: torch.device, what: str) -> None:
     """One collective: re-raise ``failure`` on the rank that had it, and a :class:`CRMTError` on
-    every other rank when any rank failed. Single process: raise ``failure`` if given."""
+    every other rank when any rank failed. Single process: raise ``failure`` if given.
+
+    Example (a single process)::
+
+        >>> raise_on_every_rank(None, torch.device("cpu"), "step 2")          # nothing failed
+        >>> raise_on_every_rank(ValueError("bad batch"), torch.device("cpu"), "step 2")
+        Traceback (most recent call last):
+            ...
+        ValueError: bad batch
+    """
     if not is_distributed():
         if failure is not None:
             raise failure

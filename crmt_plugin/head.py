@@ -328,6 +328,18 @@ class CRMTHead(nn.Module):
         count them; ``torch.autograd.gradcheck`` perturbs inputs that way), nor is an optimiser of
         your own that is no ``torch.optim.Optimizer`` and writes through ``.data``: call this after
         such an edit, or set ``head.cache_directions = False`` to compute W~ at every call.
+
+        Example::
+
+            >>> head = CRMTHead({"audio": 5, "image": 3}, 4)
+            >>> w = head.unimodal_weight("audio")                  # one QR; later calls reuse it
+            >>> with torch.no_grad():
+            ...     _ = head.directions["audio"].add_(0.5)           # seen: the version counter moved
+            >>> w2 = head.unimodal_weight("audio")                 # recomputed
+            >>> torch.equal(w, w2), torch.allclose(w2 @ w2.T, torch.eye(4), atol=1e-5)
+            (False, True)
+            >>> _ = head.directions["audio"].data.mul_(2.0)        # not seen: clear the cache
+            >>> head.clear_cache()
         """
         self._factors = {}
 

@@ -189,7 +189,24 @@ def estimate_lipschitz(
     The result has ``sound=False``: a maximum of sampled gradient norms is a *lower* estimate of the
     true Lipschitz constant, so radii built on it are estimates, not guarantees.
 
-    Use :meth:`CRMTWrapper.estimate_lipschitz`, which calls this.
+    Use :meth:`CRMTWrapper.estimate_lipschitz`, which calls this. Example (two linear encoders
+    into one fusion ``nn.Linear``; ``tau_k^(m) = ||W~_k^(m) A_m||`` exactly for a linear encoder A_m)::
+
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.audio, self.image = nn.Linear(6, 5), nn.Linear(4, 3)
+        ...         self.fc = nn.Linear(5 + 3, 4)
+        ...     def forward(self, audio, image):
+        ...         return self.fc(torch.cat([self.audio(audio), self.image(image)], dim=1))
+        >>> crmt = crmt_plugin.CRMTWrapper(Net(), head="fc", modalities={"audio": 5, "image": 3})
+        >>> batch = ({"audio": torch.randn(8, 6), "image": torch.randn(8, 4)}, torch.randint(0, 4, (8,)))
+        >>> lip = estimate_lipschitz(crmt, [batch])
+        >>> lip.values.shape, lip.sound                     # (M, K), an estimate
+        (torch.Size([2, 4]), False)
+        >>> exact = torch.linalg.vector_norm(crmt.head.unimodal_weight("audio") @ crmt.model.audio.weight, dim=1)
+        >>> torch.allclose(lip.values[0], exact.detach().to(lip.values.dtype))
+        True
     """
     names = crmt.modalities
     num_classes = crmt.num_classes
