@@ -94,9 +94,9 @@ def grid_sup_derivative(name: str, fn: Callable[[Tensor], Tensor]) -> float:
 # rules: one per activation family
 # ----------------------------------------------------------------------------------------------
 
-@lipschitz_rule(nn.ReLU, nn.ReLU6, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardtanh, nn.Softshrink,
-                nn.Softplus)
+@lipschitz_rule(nn.ReLU, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardtanh, nn.Softshrink, nn.Softplus)
 def one_lipschitz_rule(layer: nn.Module, site: LayerSite) -> float:
+    # ReLU6 runs Hardtanh.forward (clamp to [0, 6]), so the Hardtanh entry covers it.
     # Softplus: sigma(beta x) <= 1 (torch's switch to x above `threshold` is an e^-threshold jump)
     return 1.0
 
