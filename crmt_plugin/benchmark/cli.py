@@ -1,0 +1,217 @@
+"""``crmt-benchmark``: train and evaluate the CRMT recipes and their baselines on a multi-modal ``.npz``.
+
+Usage::
+
+    crmt-benchmark --data FILE.npz --methods jt,crmt-jt,pgd-at,crmt-at,trades,crmt-trades,mixup,crmt-mix \\
+                   --seeds 0 1 2 --out DIR
+    python -m crmt_plugin.benchmark --data FILE.npz --quick --out /tmp/smoke
+
+Writes ``DIR/results.json``, ``DIR/results.md``, ``DIR/robustness.png`` and
+``DIR/<method>/seed<k>/model.pt``. Any bad input (file, flags, unwritable DIR) gives one error line,
+exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shlex
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .._optional import progress_bar
+from ..errors import CRMTError
+from .data import load_npz
+from .evaluate import EvalConfig, evaluate, find_radius
+from .recipes import METHODS, TrainConfig, check_methods, train
+from .report import plot_robustness, write_json, write_markdown
+
+__all__ = ["main", "build_parser", "run"]
+
+DEFAULT_METHODS = "jt,crmt-jt,pgd-at,crmt-at,trades,crmt-trades,mixup,crmt-mix"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="crmt-benchmark", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="the .npz: x_<name> (N, ...) per modality, y (N,), optional split")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--out", default="benchmark-out", help="output folder DIR")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the stratified 60/20/20 split (no split array)")
+    p.add_argument("--radius", default="auto",
+                   help="l2 radius of every attack (file's input units), or 'auto': where JT's joint PGD "
+                        "accuracy on the validation split is closest to 45%%")
+    p.add_argument("--epochs", type=int, default=30, help="step-1 epochs of every method")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--train-steps", type=int, default=3, help="PGD steps of the training attack (AT, TRADES)")
+    p.add_argument("--train-eps", type=float, default=None,
+                   help="l2 budget of the training attack (default: the evaluation radius)")
+    p.add_argument("--beta", type=float, default=6.0, help="TRADES: weight of the KL term")
+    p.add_argument("--alpha", type=float, default=1.0, help="Mixup: lambda ~ Beta(alpha, alpha)")
+    p.add_argument("--rho", type=float, default=None, help="crmt_loss rho (default: the library's default)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="crmt_loss temperature (default: the library's default)")
+    p.add_argument("--integration-epochs", type=int, default=None,
+                   help="step-2 epochs (default: the library's default)")
+    p.add_argument("--eval-steps", type=int, default=50, help="steps of the strong PGD (fallback attack)")
+    p.add_argument("--restarts", type=int, default=2, help="restarts of the strong PGD (fallback attack)")
+    p.add_argument("--queries", type=int, default=1000, help="queries of the gradient-free attack")
+    p.add_argument("--max-test", type=int, default=None, help="attack only the first N test samples")
+    p.add_argument("--no-sound", action="store_true", help="skip the sound certificates")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 epochs, weak attacks, 64 test samples (numbers meaningless)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _check_out(out: str) -> None:
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CRMTError(f"--out {out}: exists and is not a directory")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise CRMTError(f"--out {out}: cannot create it, {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CRMTError(f"--out {out}: {probe} is not writable")
+
+
+def _configs(args: argparse.Namespace):
+    for name in ("epochs", "batch_size", "train_steps", "eval_steps", "restarts", "queries"):
+        if getattr(args, name) < 1:
+            raise CRMTError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}")
+    if args.max_test is not None and args.max_test < 1:
+        raise CRMTError(f"--max-test must be >= 1, found {args.max_test}")
+    if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
+        raise CRMTError(f"--seeds must be distinct integers >= 0, found {args.seeds}")
+    if args.radius == "auto":
+        radius = None
+    else:
+        try:
+            radius = float(args.radius)
+        except ValueError:
+            raise CRMTError(f"--radius must be 'auto' or a number > 0, found {args.radius!r}") from None
+        if not radius > 0 or radius == float("inf"):
+            raise CRMTError(f"--radius must be 'auto' or a finite number > 0, found {args.radius!r}")
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                            train_steps=args.train_steps, beta=args.beta, alpha=args.alpha, rho=args.rho,
+                            temperature=args.temperature, integration_epochs=args.integration_epochs)
+    eval_cfg = EvalConfig(steps=args.eval_steps, restarts=args.restarts, queries=args.queries, max_test=args.max_test,
+                          sound=not args.no_sound)
+    if args.quick:
+        train_cfg.epochs = min(train_cfg.epochs, 2)
+        eval_cfg.steps, eval_cfg.restarts, eval_cfg.queries, eval_cfg.curve_steps = 5, 1, 30, 3
+        eval_cfg.curve_fractions = (0.5,)
+        eval_cfg.max_test = min(eval_cfg.max_test or 64, 64)
+    return radius, train_cfg, eval_cfg
+
+
+def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any]:
+    """Validate everything, then train, evaluate and write DIR; returns the results dict."""
+    started = time.time()
+    methods = check_methods(args.methods.split(","))
+    radius, train_cfg, eval_cfg = _configs(args)
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, TypeError) as exc:
+        raise CRMTError(f"--device {args.device!r}: {exc}") from None
+    data = load_npz(args.data, data_seed=args.data_seed)
+    _check_out(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)  # the first write: everything above only reads
+
+    show = not args.no_progress
+
+    def epoch_bar(method: str, seed: int):
+        if not show:
+            return None
+        return lambda r: progress_bar(r, desc=f"{method} seed {seed}", unit="epoch", leave=False)
+
+    jt_models: Dict[int, Any] = {}
+    radius_source = "--radius"
+    search: List = []
+    if radius is None:
+        for seed in (progress_bar(args.seeds, desc="JT for --radius auto", unit="run") if show else args.seeds):
+            jt_models[seed] = train("jt", data, train_cfg, seed, device=device, epoch_bar=epoch_bar("jt", seed))
+        iterations = 2 if args.quick else 6
+        radius, search = find_radius([copy.deepcopy(t.model) for t in jt_models.values()], data, eval_cfg,
+                                     device=device, iterations=iterations)
+        radius_source = "auto: JT's joint accuracy (fast attack, validation split) closest to 45 %"
+        log(f"radius auto: r = {radius:g} (" + ", ".join(f"{r:.3g}: {100 * a:.1f}%" for r, a in search) + ")")
+    train_cfg.train_eps = args.train_eps if args.train_eps is not None else radius
+    rows: List[Dict[str, Any]] = []
+    jobs = [(m, s) for m in methods for s in args.seeds]
+    for method, seed in (progress_bar(jobs, desc="crmt-benchmark", unit="run") if show else jobs):
+        if method == "jt" and seed in jt_models:
+            trained = jt_models[seed]
+        else:
+            trained = train(method, data, train_cfg, seed, device=device, epoch_bar=epoch_bar(method, seed))
+        folder = os.path.join(args.out, method, f"seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(copy.deepcopy(trained.model).cpu(), os.path.join(folder, "model.pt"))
+        row = evaluate(trained, data, radius, eval_cfg, seed=seed, device=device)
+        row["model"] = os.path.join(method, f"seed{seed}", "model.pt")
+        rows.append(row)
+    results = {
+        "radius": float(radius),
+        "modalities": list(data.modalities),
+        "classes": int(data.num_classes),
+        "rows": rows,
+        "data": os.path.abspath(args.data),
+        "data_seed": args.data_seed,
+        "split_given": data.split_given,
+        "split_sizes": data.sizes(),
+        "sample_shapes": {n: list(s) for n, s in data.sample_shapes().items()},
+        "radius_source": radius_source,
+        "radius_search": [[r, a] for r, a in search],
+        "masking_margin": eval_cfg.masking_margin,
+        "train_config": vars(train_cfg),
+        "eval_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(eval_cfg).items()},
+        "quick": bool(args.quick),
+        "command": command,
+        "seconds": time.time() - started,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    write_json(os.path.join(args.out, "results.json"), results)
+    write_markdown(os.path.join(args.out, "results.md"), results)
+    plot_robustness(os.path.join(args.out, "robustness.png"), results)
+    log(f"wrote {args.out}/results.json, results.md, robustness.png ({results['seconds']:.0f} s)")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The console script; returns the exit status (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        run(args, command="crmt-benchmark " + " ".join(shlex.quote(a) for a in argv))
+    except (_UsageError, CRMTError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"crmt-benchmark: error: {message}", file=sys.stderr)
+        return 2
+    return 0

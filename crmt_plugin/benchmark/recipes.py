@@ -1,0 +1,301 @@
+"""The training recipes of the benchmark: four baselines, their CRMT variants, and the paper's plain CRMT-JT.
+
+=============  ==========================================================================================
+method         one training step (B samples)
+=============  ==========================================================================================
+jt             CE(h(x), y)
+crmt-jt        ``crmt_loss(crmt(x), y)`` (library defaults), then step 2
+pgd-at         CE(h(x_adv), y), x_adv = l2-PGD on CE, joint budget over all modalities
+crmt-at        ``crmt_loss(crmt(x_adv), y)``, then step 2
+trades         CE(h(x), y) + beta KL(h(x) || h(x_adv)), x_adv maximising the KL
+crmt-trades    ``crmt_loss(crmt(x_adv), y, base_loss=<the TRADES loss>)``, then step 2
+mixup          lam CE(h(x_mix), y) + (1 - lam) CE(h(x_mix), y_perm), lam ~ Beta(alpha, alpha)
+crmt-mix       ``crmt_loss(crmt(x_mix), y, y_b=y_perm, lam=lam)``, then step 2
+paper-crmt-jt  the paper's procedure as published: ``crmt_loss(..., rho=2, margin="raw")``, a = 0.1 at
+               the start; step 2 with SGD (lr 3e-5, momentum 0.9, weight decay 1e-2), a third of
+               step 1's epochs, objective the mean joint radius, no accuracy constraint
+=============  ==========================================================================================
+
+The CRMT methods use the **library defaults** of :func:`crmt_plugin.crmt_loss` and
+:meth:`~crmt_plugin.CRMTWrapper.fit_integration` (``rho`` / ``temperature`` only when set in
+:class:`TrainConfig`); step 2 gets the validation split as ``val_loader=`` when the library's
+``fit_integration`` accepts it. Training attacks (PGD-AT, TRADES and their CRMT variants) are l2-PGD
+on all modalities jointly, on the raw inputs (the units the evaluation attacks in), with budget
+``TrainConfig.train_eps`` (the CLI sets it to the evaluation radius). Model selection: the epoch with
+the best clean validation accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import attacks as attacks_module
+from ..errors import CRMTError
+from ..loss import crmt_loss
+from ..wrapper import CRMTWrapper
+from .data import BenchmarkData, batch_list, batches, standardization
+from .models import BenchmarkNet, build_model
+
+__all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "TrainConfig", "Trained", "train", "check_methods"]
+
+METHODS = ("jt", "crmt-jt", "pgd-at", "crmt-at", "trades", "crmt-trades", "mixup", "crmt-mix", "paper-crmt-jt")
+CRMT_METHODS = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix", "paper-crmt-jt")
+ADVERSARIAL = ("pgd-at", "crmt-at", "trades", "crmt-trades")
+# (baseline, variant): the comparisons of the report
+PAIRS = (("jt", "crmt-jt"), ("pgd-at", "crmt-at"), ("trades", "crmt-trades"), ("mixup", "crmt-mix"),
+         ("jt", "paper-crmt-jt"), ("paper-crmt-jt", "crmt-jt"))
+
+
+def check_methods(methods) -> List[str]:
+    """The method names, validated (CRMTError naming the unknown ones and the known ones)."""
+    methods = [m.strip() for m in methods if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CRMTError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    if not methods:
+        raise CRMTError(f"no method given; known: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise CRMTError(f"a method is listed twice: {methods}")
+    return methods
+
+
+@dataclass
+class TrainConfig:
+    """Step-1 settings shared by every recipe (defaults in brackets).
+
+    epochs [30], batch_size [64], lr [1e-3] and weight_decay [1e-4] of Adam; train_eps [1.0] and
+    train_steps [3] of the training PGD; beta [6.0] (TRADES); alpha [1.0] (Mixup); rho, temperature
+    [None: library default] of ``crmt_loss``; integration_epochs [None: library default] of step 2.
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    train_eps: float = 1.0
+    train_steps: int = 3
+    beta: float = 6.0
+    alpha: float = 1.0
+    rho: Optional[float] = None
+    temperature: Optional[float] = None
+    integration_epochs: Optional[int] = None
+
+    def loss_kwargs(self) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        if self.rho is not None:
+            out["rho"] = self.rho
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+        return out
+
+
+@dataclass
+class Trained:
+    """A trained model and what its training produced.
+
+    Attributes:
+        model: the plain model to save and attack (for CRMT methods ``crmt.export()``: a plain
+            ``nn.Linear`` fusion head with the same logits); eval mode.
+        crmt: the :class:`~crmt_plugin.CRMTWrapper` (CRMT methods) or ``None``.
+        lipschitz: the empirical constants step 2 used (CRMT methods) or ``None``.
+        step2: the :class:`~crmt_plugin.IntegrationResult` fields (CRMT methods) or ``None``.
+    """
+
+    method: str
+    seed: int
+    model: nn.Module
+    crmt: Optional[CRMTWrapper]
+    lipschitz: Any
+    step2: Optional[Dict[str, Any]]
+    best_val: float
+    best_epoch: int
+    train_seconds: float
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+def _kl(adversarial_logits: Tensor, clean_logits: Tensor) -> Tensor:
+    """TRADES' KL(softmax(clean) || softmax(adversarial)), batch mean, gradient through both."""
+    return F.kl_div(F.log_softmax(adversarial_logits, 1), F.softmax(clean_logits, 1), reduction="batchmean")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, inputs: Dict[str, Tensor], y: Tensor, batch_size: int = 512) -> float:
+    """Clean accuracy of ``model(**inputs)`` (eval mode; the model's modes are restored)."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    correct = 0
+    for xb, yb in batches(inputs, y, batch_size):
+        correct += int((model(**xb).argmax(1) == yb).sum())
+    for m, t in saved:
+        m.training = t
+    return correct / max(int(y.shape[0]), 1)
+
+
+def _supports(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _step2(method: str, crmt: CRMTWrapper, train_loader, val_loader, lipschitz, cfg: TrainConfig,
+           seed: int, missing_fill: Optional[Dict[str, Tensor]] = None) -> Dict[str, Any]:
+    from ..integration import fit_integration
+
+    kwargs: Dict[str, Any] = {"generator": torch.Generator().manual_seed(seed + 7)}
+    if method == "paper-crmt-jt":
+        kwargs["epochs"] = max(1, cfg.epochs // 3)
+        kwargs["optimizer"] = lambda params: torch.optim.SGD(params, lr=3e-5, momentum=0.9, weight_decay=1e-2)
+        # as published: the mean joint radius on the training data, no accuracy constraint, no early stop
+        if _supports(fit_integration, "objective"):
+            kwargs["objective"] = "mean_radius"
+        if _supports(fit_integration, "accuracy_tolerance"):
+            kwargs["accuracy_tolerance"] = math.inf
+        if _supports(fit_integration, "patience"):
+            kwargs["patience"] = None
+    else:
+        if cfg.integration_epochs is not None:
+            kwargs["epochs"] = cfg.integration_epochs
+        if _supports(fit_integration, "val_loader"):
+            kwargs["val_loader"] = val_loader
+        if missing_fill is not None and _supports(fit_integration, "missing_fill"):
+            kwargs["missing_fill"] = missing_fill
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = crmt.fit_integration(train_loader, lipschitz=lipschitz, **kwargs)
+    out = _plain(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else vars(result))
+    out["warnings"] = [str(w.message) for w in caught]
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy (tensors to lists, unknown objects to str)."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.asdict(value))
+    return str(value)
+
+
+def new_model(data: BenchmarkData) -> BenchmarkNet:
+    """A fresh model for ``data`` (train statistics inside; uses the global torch RNG)."""
+    train_x, _ = data.part("train")
+    stats = {n: standardization(t) for n, t in train_x.items()}
+    return build_model(data.sample_shapes(), stats, int(train_x[data.modalities[0]].shape[0]), data.num_classes)
+
+
+def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, device: torch.device = torch.device("cpu"),
+          epoch_bar: Optional[Callable[[range], Any]] = None) -> Trained:
+    """Train one recipe with one seed on the train split, select the epoch on the validation split.
+
+    ``epoch_bar`` wraps the epoch range (a progress bar) and may have ``set_postfix``.
+    """
+    check_methods([method])
+    started = time.time()
+    torch.manual_seed(seed)
+    model = new_model(data).to(device)
+    crmt: Optional[CRMTWrapper] = None
+    if method in CRMT_METHODS:
+        init = {"integration_init": 0.1} if method == "paper-crmt-jt" else {}
+        crmt = CRMTWrapper(model, head="fusion", modalities=model.feature_dims, **init)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    attack_generator = torch.Generator().manual_seed(seed + 1)
+    train_x, train_y = data.part("train")
+    val_x, val_y = data.part("validation")
+    train_x = {n: t.to(device) for n, t in train_x.items()}
+    val_x = {n: t.to(device) for n, t in val_x.items()}
+    train_y, val_y = train_y.to(device), val_y.to(device)
+    loss_kw = cfg.loss_kwargs()
+    if method == "paper-crmt-jt":
+        loss_kw = {"rho": 2.0, "margin": "raw"}
+    attack = None
+    if method in ADVERSARIAL:
+        extra = {"loss": attacks_module.trades_kl_loss} if "trades" in method else {}
+        attack = attacks_module.PGD(cfg.train_eps, norm="l2", steps=cfg.train_steps, generator=attack_generator,
+                                    **extra)
+    mix = torch.distributions.Beta(cfg.alpha, cfg.alpha)
+
+    def loss_of(inputs: Dict[str, Tensor], y: Tensor) -> Tensor:
+        if method == "jt":
+            return F.cross_entropy(model(**inputs), y)
+        if method in ("crmt-jt", "paper-crmt-jt"):
+            return crmt_loss(crmt(inputs), y, **loss_kw)
+        if method == "pgd-at":
+            return F.cross_entropy(model(**attack(model, inputs, y)), y)
+        if method == "crmt-at":
+            return crmt_loss(crmt(attack(model, inputs, y)), y, **loss_kw)
+        if method == "trades":
+            logits = model(**inputs)
+            adversarial = attack(model, inputs, logits.detach())
+            return F.cross_entropy(logits, y) + cfg.beta * _kl(model(**adversarial), logits)
+        if method == "crmt-trades":
+            out = crmt(inputs)
+            adversarial = attack(model, inputs, out.logits.detach())
+
+            def trades_base(adv_logits: Tensor, labels: Tensor) -> Tensor:
+                return F.cross_entropy(out.logits, labels) + cfg.beta * _kl(adv_logits, out.logits)
+
+            return crmt_loss(crmt(adversarial), y, base_loss=trades_base, **loss_kw)
+        lam = float(mix.sample())
+        other = torch.randperm(y.shape[0], generator=generator).to(y.device)
+        mixed = {n: lam * x + (1 - lam) * x[other] for n, x in inputs.items()}
+        if method == "mixup":
+            logits = model(**mixed)
+            return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[other])
+        return crmt_loss(crmt(mixed), y, y_b=y[other], lam=lam, **loss_kw)  # crmt-mix
+
+    best_val, best_epoch, best_state = -1.0, 0, None
+    history: List[Dict[str, float]] = []
+    epochs = range(1, cfg.epochs + 1)
+    bar = epoch_bar(epochs) if epoch_bar is not None else epochs
+    for epoch in bar:
+        model.train()
+        total, count = 0.0, 0
+        for inputs, y in batches(train_x, train_y, cfg.batch_size, shuffle=True, generator=generator):
+            if y.shape[0] < 2:  # BatchNorm cannot train on one sample
+                continue
+            loss = loss_of(inputs, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            count += 1
+        val = accuracy(model, val_x, val_y)
+        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_accuracy": val})
+        if val > best_val:
+            best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val:.3f}", best=f"{best_val:.3f}")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    lipschitz = step2 = None
+    if crmt is not None:
+        train_loader = batch_list(train_x, train_y)
+        val_loader = batch_list(val_x, val_y)
+        lipschitz = crmt.estimate_lipschitz(train_loader)
+        fill = {n: m.to(device).expand(data.x[n].shape[1:]).clone() for n, m in data.train_mean().items()}
+        step2 = _step2(method, crmt, train_loader, val_loader, lipschitz, cfg, seed, fill)
+        plain = crmt.export().eval()
+    else:
+        plain = model
+    return Trained(method=method, seed=seed, model=plain, crmt=crmt, lipschitz=lipschitz, step2=step2,
+                   best_val=best_val, best_epoch=best_epoch, train_seconds=time.time() - started, history=history)

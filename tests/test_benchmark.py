@@ -1,0 +1,232 @@
+"""crmt-benchmark: the file format, the encoder per shape, bad inputs, a --quick run end to end, and
+the saved raw-input model.pt in a fresh process. Tiny synthetic files; the whole file runs in well
+under a minute on one core."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from crmt_plugin.benchmark import cli
+from crmt_plugin.benchmark.data import load_npz, save_npz, standardization, stratified_split
+from crmt_plugin.benchmark.evaluate import RandomSearchL2
+from crmt_plugin.benchmark.models import (BenchmarkNet, Conv1dEncoder, Conv2dEncoder, MLPEncoder, build_model,
+                                          encoder_for)
+from crmt_plugin.errors import CRMTError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(n_per_class=20, classes=3, seed=0):
+    """Learnable two-modality data: a (N, 4) vector and b (N, 2, 8) sequence carry the class."""
+    g = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    a = g.normal(size=(len(y), 4)) * 3 + 10 + y[:, None] * 2.0
+    b = g.normal(size=(len(y), 2, 8)) + y[:, None, None] * 1.5
+    return {"x_a": a.astype(np.float32), "x_b": b.astype(np.float32), "y": y}
+
+
+def write(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_file_format_and_stratified_split(tmp_path):
+    arrays = tiny()
+    data = load_npz(write(tmp_path / "t.npz", **arrays), data_seed=3)
+    assert data.modalities == ("a", "b") and data.num_classes == 3 and not data.split_given
+    assert data.sample_shapes() == {"a": (4,), "b": (2, 8)}
+    assert data.sizes() == {"train": 36, "validation": 12, "test": 12}
+    for code in (0, 1, 2):  # stratified: every class in every part
+        assert set(data.y[data.split == code].tolist()) == {0, 1, 2}
+    again = load_npz(str(tmp_path / "t.npz"), data_seed=3)
+    assert torch.equal(again.split, data.split)
+    other = load_npz(str(tmp_path / "t.npz"), data_seed=4)
+    assert not torch.equal(other.split, data.split)
+    assert torch.allclose(data.x["a"], torch.from_numpy(arrays["x_a"]))
+
+
+def test_given_split_is_used_and_save_npz_round_trips(tmp_path):
+    arrays = tiny()
+    split = stratified_split(torch.from_numpy(arrays["y"]), seed=1)
+    path = save_npz(str(tmp_path / "s.npz"), {"a": arrays["x_a"], "b": torch.from_numpy(arrays["x_b"])},
+                    arrays["y"], split)
+    data = load_npz(path)
+    assert data.split_given and torch.equal(data.split, split)
+    xs, ys = data.part("test")
+    assert ys.shape[0] == int((split == 2).sum()) and xs["b"].shape[1:] == (2, 8)
+
+
+def test_standardization_per_feature_and_per_channel():
+    x = torch.randn(500, 3) * torch.tensor([1.0, 5.0, 0.0]) + torch.tensor([2.0, -1.0, 7.0])
+    mean, std = standardization(x)
+    assert mean.shape == (3,) and torch.allclose(mean, x.mean(0), atol=1e-5)
+    assert std[2] == 1.0  # a constant feature keeps std 1
+    img = torch.randn(50, 2, 4, 4) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1)
+    mean, std = standardization(img)
+    assert mean.shape == (2, 1, 1) and std[1, 0, 0] > 2 * std[0, 0, 0]
+
+
+@pytest.mark.parametrize("shape, kind", [((7,), MLPEncoder), ((3, 16), Conv1dEncoder), ((1, 12, 12), Conv2dEncoder)])
+def test_encoder_choice_per_shape(shape, kind):
+    mean, std = standardization(torch.randn(10, *shape))
+    enc = encoder_for(shape, mean, std, 1200, 10)
+    assert isinstance(enc, kind)
+    assert enc(torch.randn(5, *shape)).shape == (5, enc.out_features)
+    assert any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in enc.modules())
+    with pytest.raises(CRMTError, match="no encoder"):
+        encoder_for((1, 2, 3, 4), torch.zeros(1), torch.ones(1), 10, 2)
+
+
+def test_model_takes_raw_inputs_and_standardises_inside():
+    raw = {"a": torch.randn(40, 4) * 100 + 50, "b": torch.randn(40, 2, 8)}
+    stats = {n: standardization(t) for n, t in raw.items()}
+    net = build_model({"a": (4,), "b": (2, 8)}, stats, 40, 3).eval()
+    assert isinstance(net, BenchmarkNet) and isinstance(net.fusion, torch.nn.Linear)
+    assert net(**raw).shape == (40, 3)
+    standardized = net.encoders["a"][0](raw["a"])
+    assert torch.allclose(standardized.mean(0), torch.zeros(4), atol=1e-4)
+    assert "mean" in dict(net.encoders["a"][0].named_buffers())
+    with pytest.raises(CRMTError, match="missing"):
+        net(a=raw["a"])
+
+
+def test_random_search_stays_in_budget_and_finds_errors():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 2)
+    model = lambda a, b: lin(torch.cat([a, b], 1))  # noqa: E731
+    x = {"a": torch.randn(64, 3), "b": torch.randn(64, 3)}
+    y = lin(torch.cat([x["a"], x["b"]], 1)).argmax(1)
+    adv = RandomSearchL2(50.0, queries=200, generator=torch.Generator().manual_seed(0))(model, x, y)
+    norm = (sum(((adv[n] - x[n]) ** 2).sum(1) for n in x)).sqrt()
+    assert float(norm.max()) <= 50.0 * (1 + 1e-5)
+    assert float((model(**adv).argmax(1) == y).double().mean()) < 0.2  # a huge budget flips nearly all
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+BAD = {
+    "missing y": (lambda a: {k: v for k, v in a.items() if k != "y"}, "no 'y'"),
+    "one modality": (lambda a: {"x_a": a["x_a"], "y": a["y"]}, "at least 2 modalities"),
+    "different N": (lambda a: {**a, "x_b": a["x_b"][:-1]}, "different numbers of samples"),
+    "NaN": (lambda a: {**a, "x_a": np.where(np.arange(60)[:, None] == 3, np.nan, a["x_a"])}, "NaN/Inf"),
+    "Inf": (lambda a: {**a, "x_b": np.where(np.arange(60)[:, None, None] == 5, np.inf, a["x_b"])}, "NaN/Inf"),
+    "negative label": (lambda a: {**a, "y": np.where(np.arange(60) == 0, -1, a["y"])}, "negative"),
+    "class gap": (lambda a: {**a, "y": np.where(a["y"] == 1, 3, a["y"])}, "no sample"),
+    "tiny class": (lambda a: {**a, "y": np.concatenate([a["y"][:-3], [3, 3, 3]])}, "fewer than 5"),
+    "float labels": (lambda a: {**a, "y": a["y"] + 0.5}, "integer labels"),
+    "bad split": (lambda a: {**a, "split": np.full(60, 4)}, "split must hold"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_file_one_line_exit_2_nothing_written(case, tmp_path, capsys):
+    change, needle = BAD[case]
+    path = write(tmp_path / "bad.npz", **change(tiny()))
+    out = tmp_path / "out"
+    code, err = run_cli(["--data", path, "--out", str(out), "--quick", "--no-progress"], capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("crmt-benchmark: error:") and needle in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--methods", "jt,crmt-xx"], "unknown method"),
+    (["--radius", "-1"], "--radius"),
+    (["--seeds", "0", "0"], "--seeds"),
+    (["--epochs", "0"], "--epochs"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_flags_one_line_exit_2(extra, needle, tmp_path, capsys):
+    path = write(tmp_path / "ok.npz", **tiny())
+    out = tmp_path / "out"
+    code, err = run_cli(["--data", path, "--out", str(out), "--quick", "--no-progress", *extra], capsys)
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_unwritable_out_and_missing_file(tmp_path, capsys):
+    path = write(tmp_path / "ok.npz", **tiny())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, err = run_cli(["--data", path, "--out", str(blocker / "sub"), "--quick", "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and "not a directory" in err[0]
+    code, err = run_cli(["--data", path, "--out", str(blocker), "--quick", "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and "not a directory" in err[0]
+    out = tmp_path / "never"
+    code, err = run_cli(["--data", str(tmp_path / "absent.npz"), "--out", str(out), "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and "no such file" in err[0] and not out.exists()
+    (tmp_path / "junk.npz").write_text("not a zip")
+    code, err = run_cli(["--data", str(tmp_path / "junk.npz"), "--out", str(out), "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and "not a readable .npz" in err[0] and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    path = write(folder / "tiny.npz", **tiny())
+    out = folder / "out"
+    code = cli.main(["--data", path, "--quick", "--seeds", "0", "1", "--methods", "jt,crmt-jt,mixup",
+                     "--out", str(out), "--no-progress", "--no-sound", "--batch-size", "8"])
+    return code, path, out
+
+
+def test_quick_run_end_to_end(quick_run):
+    code, _, out = quick_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["modalities"] == ["a", "b"] and results["classes"] == 3 and results["radius"] > 0
+    assert results["radius_source"].startswith("auto")
+    rows = results["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("jt", "crmt-jt", "mixup") for s in (0, 1)]
+    for r in rows:
+        for key in ("clean", "pgd_joint", "worst_joint", "pgd:a", "pgd:b", "missing:a", "missing:b",
+                    "certified_empirical", "gradient_free", "mean_robust"):
+            assert 0.0 <= r[key] <= 1.0, (key, r[key])
+        # the worst case is per sample over every attack: never above any one of them
+        assert r["worst_joint"] <= min(r["clean"], r["pgd_joint"], r["pgd:a"], r["pgd:b"], r["gradient_free"]) + 1e-9
+        assert isinstance(r["gradient_masking"], bool)
+        assert set(r["curve"]) == {"joint", "a", "b"}
+        assert (out / r["model"]).is_file()
+    assert rows[2]["step2"] is not None  # crmt-jt ran step 2
+    text = (out / "results.md").read_text()
+    assert "| crmt-jt |" in text and "crmt-jt − jt" in text and "±" in text
+    assert (out / "robustness.png").stat().st_size > 0
+
+
+def test_model_pt_loads_in_a_fresh_process_and_reproduces_clean_accuracy(quick_run):
+    code, path, out = quick_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    row = next(r for r in results["rows"] if r["method"] == "crmt-jt" and r["seed"] == 1)
+    script = (
+        "import sys, torch\n"
+        "from crmt_plugin.benchmark.data import load_npz\n"
+        "model = torch.load(sys.argv[1], weights_only=False).eval()\n"
+        "assert all(type(m).__name__ != 'CRMTHead' for m in model.modules())\n"
+        "x, y = load_npz(sys.argv[2]).part('test')\n"
+        "n = int(sys.argv[3])\n"
+        "with torch.no_grad():\n"
+        "    acc = (model(**{k: v[:n] for k, v in x.items()}).argmax(1) == y[:n]).double().mean()\n"
+        "print(float(acc))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(out / row["model"]), path, str(row["test_samples"])],
+                          capture_output=True, text=True, cwd=str(out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert abs(float(done.stdout.strip()) - row["clean"]) < 1e-9
+
+
+def test_module_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "crmt_plugin.benchmark", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--radius" in done.stdout and "--quick" in done.stdout
