@@ -393,6 +393,9 @@ class CRMTWrapper(nn.Module):
     def _discover_head(
         self, model: nn.Module, example: Inputs
     ) -> Tuple[Union[str, Dict[str, str]], Optional[StructureReport]]:
+        wrapped = [n for n, m in model.named_modules() if isinstance(m, (CRMTHead, SummedHeadShare))]
+        if wrapped:
+            raise CRMTError(f"the model already holds CRMT heads at {wrapped}: it was wrapped before")
         exact, summands, logits = find_output_layers(model, self._run_on(model), example)
         num_classes = int(logits.shape[-1])
         if len(exact) == 1:

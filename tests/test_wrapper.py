@@ -185,6 +185,8 @@ def test_wrapping_twice_raises(cnn):
     wrap(cnn)
     with pytest.raises(CRMTError, match="already"):
         wrap(cnn)
+    with pytest.raises(CRMTError, match="already"):
+        CRMTWrapper(cnn, example_inputs=cnn_batch()[0])
 
 
 def test_single_class_head_raises():
