@@ -156,8 +156,8 @@ def sequential_rule(module: nn.Sequential, site: LayerSite) -> Tuple[Plan, Shape
 def residual_rule(module: Residual, site: LayerSite) -> Tuple[Plan, Shape]:
     """L(shortcut) + L(branch) (triangle inequality)."""
     path, ctx, in_shape = site.path, site.ctx, site.in_shape
-    for part in (module.branch, module.shortcut):
-        head = expansive_inplace_head(part, in_shape, ctx)
+    for name, part in (("branch", module.branch), ("shortcut", module.shortcut)):
+        head = expansive_inplace_head(part, in_shape, join(path, name), ctx)
         if head is not None:
             raise CRMTError(
                 f"Residual {site.where}: {type(head).__name__}(inplace=True) overwrites the block's input, which "
@@ -176,7 +176,8 @@ def residual_rule(module: Residual, site: LayerSite) -> Tuple[Plan, Shape]:
     return Sum(path, [skip, branch]), b_shape
 
 
-def expansive_inplace_head(module: Optional[nn.Module], in_shape: Shape, ctx: Context) -> Optional[nn.Module]:
+def expansive_inplace_head(module: Optional[nn.Module], in_shape: Shape, path: str,
+                           ctx: Context) -> Optional[nn.Module]:
     """The in-place layer that runs first on a block's input, if it may enlarge distances (L > 1).
 
     An in-place layer f overwrites its input; anything else that reads that tensor (a residual skip)
@@ -185,7 +186,8 @@ def expansive_inplace_head(module: Optional[nn.Module], in_shape: Shape, ctx: Co
     """
     m = module
     while isinstance(m, nn.Sequential) and forward_owner(m) is nn.Sequential and len(m) > 0:
-        m = m[0]
+        name, m = next(iter(m.named_children()))
+        path = join(path, name)
     if m is None or getattr(m, "inplace", False) is not True:
         return None
     bound = declared(m)
@@ -194,7 +196,7 @@ def expansive_inplace_head(module: Optional[nn.Module], in_shape: Shape, ctx: Co
     rule = rule_for(m)
     if rule is None or rule.composite:
         return m
-    plan, _ = compile_module(m, in_shape, "", ctx)
+    plan, _ = compile_module(m, in_shape, path, ctx)
     return None if is_nonexpansive(plan) else m
 
 

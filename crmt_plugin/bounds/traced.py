@@ -39,7 +39,7 @@ __all__ = ["Tracer", "trace", "describe", "variable_nodes", "input_nodes", "is_k
            "GraphPlan", "TracedCall", "TraceCompiler"]
 
 CompileFn = Callable[[nn.Module, Shape, str, Context], Tuple[Plan, Shape]]
-InplaceHeadFn = Callable[[Optional[nn.Module], Shape, Context], Optional[nn.Module]]
+InplaceHeadFn = Callable[[Optional[nn.Module], Shape, str, Context], Optional[nn.Module]]
 
 CONST_METHODS = {"size", "dim", "numel"}               # results that depend on the shape only
 CONST_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
@@ -194,7 +194,7 @@ class TraceCompiler:
     """Compiles a traced module: every node of its graph becomes one propagation step of a :class:`GraphPlan`.
 
     ``compile_child(module, in_shape, path, ctx) -> (plan, out_shape)`` compiles a submodule (the module walk,
-    :func:`~crmt_plugin.bounds.graph.compile_module`); ``inplace_head(module, in_shape, ctx)`` returns the
+    :func:`~crmt_plugin.bounds.graph.compile_module`); ``inplace_head(module, in_shape, path, ctx)`` returns the
     in-place layer with L > 1 that would run first on a shared tensor, if any.
     """
 
@@ -306,7 +306,7 @@ class TraceCompiler:
             raise self.refuse(node, "calls a submodule with more than one input")
         shape = self.shape_of(first)[1:]
         if len(first.users) > 1:
-            head = self.inplace_head(sub, shape, self.ctx)
+            head = self.inplace_head(sub, shape, join(self.path, node.target), self.ctx)
             if head is not None:
                 raise self.refuse(node, f"overwrites a tensor that is used elsewhere with {type(head).__name__}"
                                         f"(inplace=True), whose Lipschitz constant exceeds 1 (use inplace=False)")
