@@ -121,8 +121,9 @@ def test_a_rule_returning_a_plan_gives_a_differentiable_penalty():
 
 
 def test_rule_registration_is_checked():
-    with pytest.raises(CRMTError, match="already has a rule"):
-        lipschitz_rule(nn.ReLU)(lambda layer, site: 1.0)
+    with pytest.raises(CRMTError, match=r"already registered: ReLU \(one_lipschitz_rule\).*replace=True"):
+        lipschitz_rule(PairSort, nn.ReLU)(lambda layer, site: 1.0)
+    assert rule_for(PairSort()) is None                  # nothing registered when one type is taken
     with pytest.raises(CRMTError, match="not an nn.Module subclass"):
         lipschitz_rule(int)
     with pytest.raises(CRMTError, match="at least one"):

@@ -36,7 +36,7 @@ Three kinds of entries:
   (``F.relu``, ``torch.tanh``, ``x.relu()``, ``F.avg_pool2d``) mapped to the layer it computes, so
   its bound comes from that layer's rule: ``factory(args, kwargs, training) -> nn.Module``.
 * **tensor operations** (:func:`tensor_op`): ``+``, ``*``, ``cat``, ``view``, slicing, ... in a traced
-  ``forward``; handlers are called by the fx walk (:mod:`crmt_plugin.bounds.graph`).
+  ``forward``; handlers are called by the fx walk (:mod:`crmt_plugin.bounds.traced`).
 """
 
 from __future__ import annotations
@@ -214,11 +214,12 @@ def lipschitz_rule(*types: type, composite: bool = False, replace: bool = False)
     def register(fn: Callable) -> Callable:
         if not callable(fn):
             raise CRMTError(f"lipschitz_rule: the rule must be a callable (layer, site), found {type(fn).__name__}")
-        taken = [t.__name__ for t in types if t in _RULES and not replace]
+        taken = [t for t in types if t in _RULES and not replace]
         if taken:
+            names = ", ".join(f"{t.__name__} ({_RULES[t].fn.__name__})" for t in taken)
             raise CRMTError(
-                f"lipschitz_rule: {', '.join(taken)} already has a rule ({_RULES[types[0]].fn.__name__}); "
-                f"pass replace=True to override it, or remove it with remove_lipschitz_rule"
+                f"lipschitz_rule: already registered: {names}; pass replace=True to override, or remove the "
+                f"rule with crmt_plugin.bounds.remove_lipschitz_rule first"
             )
         rule = LayerRule(tuple(types), fn, composite)
         for t in types:

@@ -105,7 +105,7 @@ def _scale_op(call: Any, divide: bool) -> None:
             raise call.refuse("divides by zero")
         call.emit("scale", up(abs(1.0 / other if divide else float(other))), [x])
     elif isinstance(other, fx.Node) and other.op == "get_attr":
-        call.emit("scale", AttrScale(join(call.compiler.path, other.target), call.module, other.target, divide), [x])
+        call.emit("scale", AttrScale(join(call.parent_path, other.target), call.module, other.target, divide), [x])
     else:
         raise call.refuse("multiplies by a value that is not a number or a parameter/buffer")
 

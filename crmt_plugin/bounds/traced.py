@@ -154,6 +154,7 @@ class GraphPlan(Plan):
 class TracedCall:
     """One call of a traced forward, as a tensor-operation handler sees it (handlers: ``tensor_ops.py``).
 
+    ``module`` / ``parent_path``: the traced module and its path; ``path``: this call's path;
     ``args`` / ``kwargs``: the call's arguments (``args[0]``, ``x``, is the tensor it is called on);
     ``inputs``: the input-dependent nodes among them; ``out_shape``: its output shape, batch included;
     ``shape_of(node)``; ``single()``: ``x`` when it is the one input-dependent argument, else a refusal;
@@ -166,7 +167,8 @@ class TracedCall:
         self.args, self.kwargs = list(node.args), dict(node.kwargs)
         self.x = self.args[0] if self.args else None
         self.out_shape = compiler.shape_of(node)
-        self.path = join(compiler.path, node.name)
+        self.path = join(compiler.path, node.name)          # this call's path (per_layer, messages)
+        self.parent_path = compiler.path                    # the traced module's path
         self.module, self.ctx = compiler.module, compiler.ctx
 
     def shape_of(self, node: fx.Node) -> Tuple[int, ...]:
