@@ -241,6 +241,12 @@ def test_per_modality_budgets_are_never_violated_by_the_exact_worst_case(num_mod
     is_label = torch.nn.functional.one_hot(y, num_classes).bool()
     exact = cert.correct & torch.where(is_label, torch.ones_like(worst), worst).gt(-1e-9).all(1)
     assert bool((~certified | exact).all())  # certified => provably safe
+    for n in crmt.modalities:  # one budget, the others 0: exactly the per-modality radius
+        r = cert.radius_per_modality[n]
+        others = {m: 0.0 for m in crmt.modalities if m != n}
+        finite = torch.isfinite(r)
+        assert torch.equal(cert.certified({n: torch.where(finite, r * (1 - 1e-9), 0.0), **others}), cert.correct)
+        assert not bool((cert.certified({n: torch.where(finite, r * (1 + 1e-9), 0.0), **others}) & finite).any())
     # and the explicit worst-case perturbation against every class keeps the prediction
     for k in range(num_classes):
         adv = {}
