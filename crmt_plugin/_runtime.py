@@ -170,7 +170,8 @@ class ModeGuard:
 
     Example::
 
-        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)); net[1].eval()
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
         >>> with ModeGuard(net, eval_mode=True):
         ...     assert not net.training
         >>> net.training, net[1].training
