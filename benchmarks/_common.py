@@ -227,3 +227,33 @@ def ms(seconds: float) -> str:
 
 def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.3f}"
+
+
+def retraction_head(crmt):
+    """Benchmark-only prototype of the alternative to the W~ cache: keep V^(m) itself orthonormal.
+
+    Replaces ``crmt``'s CRMTHead (in place, same parameters) by a subclass whose forward uses
+    W~ = V directly for orthonormal modalities (no QR, no QR backward) and returns ``retract``, to be
+    called after every optimiser step: V <- orthonormalize_rows(V) under ``no_grad`` (one QR forward
+    per modality and step). Not gradient-identical to the library's head: the optimiser sees the
+    Euclidean gradient w.r.t. W~ instead of the gradient through the QR (a retraction step on the
+    Stiefel manifold), so training follows another trajectory.
+    """
+    from crmt_plugin.head import CRMTHead, orthonormalize_rows
+
+    class RetractedHead(CRMTHead):
+        def _weight(self, name):
+            if self.orthonormal_rows[name]:
+                return self.directions[name]
+            return super()._weight(name)
+
+        def retract(self) -> None:
+            with torch.no_grad():
+                for name, v in self.directions.items():
+                    if self.orthonormal_rows[name]:
+                        v.copy_(orthonormalize_rows(v))
+
+    head = crmt.head
+    head.__class__ = RetractedHead  # same parameters, same state_dict keys
+    head.retract()
+    return head.retract

@@ -73,7 +73,7 @@ def wrap_at_revision(model: nn.Module, modalities, rev: str) -> CRMTWrapper:
     return crmt
 
 
-def steps(model: nn.Module, modalities, inputs, y, against: str = ""):
+def steps(model: nn.Module, modalities, inputs, y, against: str = "", retraction: bool = False):
     jt = copy.deepcopy(model).train()
     crmt = CRMTWrapper(copy.deepcopy(model), head="fusion.fc", modalities=modalities).train()
     opt_jt = torch.optim.SGD(jt.parameters(), lr=1e-3, momentum=0.9)
@@ -96,11 +96,13 @@ def steps(model: nn.Module, modalities, inputs, y, against: str = ""):
 
         extra = {"old": (opt_old, old_forward)}
 
-    def step(opt, forward):
+    def step(opt, forward, after_step=None):
         def run():
             opt.zero_grad(set_to_none=True)
             forward().backward()
             opt.step()
+            if after_step is not None:
+                after_step()
         return run
 
     def step_after_zero_grad(opt, forward):
@@ -111,6 +113,11 @@ def steps(model: nn.Module, modalities, inputs, y, against: str = ""):
 
     timed = {"JT": step(opt_jt, jt_forward), "CRMT": step(opt_crmt, crmt_forward)}
     timed.update({f"CRMT@{against}": step(o, f) for o, f in extra.values()})
+    if retraction:  # the alternative to the cache: V kept orthonormal (benchmarks/_common.retraction_head)
+        ret = CRMTWrapper(copy.deepcopy(model), head="fusion.fc", modalities=modalities).train()
+        retract = C.retraction_head(ret)
+        opt_ret = torch.optim.SGD(ret.parameters(), lr=1e-3, momentum=0.9)
+        timed["CRMT retraction"] = step(opt_ret, lambda: crmt_loss(ret(inputs), y, rho=2.0), retract)
     return (
         timed,
         {"JT": jt_forward, "CRMT": crmt_forward},
@@ -120,6 +127,7 @@ def steps(model: nn.Module, modalities, inputs, y, against: str = ""):
 
 
 AGAINST: list = []
+RETRACTION: list = []
 
 
 def run_case(label: str, built, batch: int, args) -> list:
@@ -127,7 +135,7 @@ def run_case(label: str, built, batch: int, args) -> list:
     model, modalities, make_inputs, num_classes = built
     inputs = make_inputs(batch)
     y = torch.randint(0, num_classes, (batch,))
-    step_fns, forward_fns, profiled = steps(model, modalities, inputs, y, args.against)
+    step_fns, forward_fns, profiled = steps(model, modalities, inputs, y, args.against, args.retraction)
     samples = C.interleaved(step_fns, repeats=args.repeats, warmup=args.warmup, inner=args.inner)
     jt, cr = samples.median("JT"), samples.median("CRMT")
     if args.against:
@@ -136,6 +144,10 @@ def run_case(label: str, built, batch: int, args) -> list:
                         C.ms(samples.median(old) - jt), C.ms(cr - jt),
                         f"{samples.ratio(old, 'JT'):.3f}", f"{samples.ratio('CRMT', 'JT'):.3f}",
                         f"{samples.ratio('CRMT', old):.3f}"])
+    if args.retraction:
+        RETRACTION.append([label, batch, C.ms(samples.median("CRMT retraction")),
+                           f"{samples.ratio('CRMT retraction', 'JT'):.3f}",
+                           f"{samples.ratio('CRMT retraction', 'CRMT'):.3f}"])
     peaks = {n: [] for n in profiled}
     for _ in range(3):  # allocations are deterministic; 3 runs guard against a profiler hiccup
         for name, (opt, fn) in profiled.items():
@@ -160,6 +172,8 @@ def main() -> None:
         p.add_argument("--cases", default="av,synthetic", help="comma list of av, synthetic, sweep")
         p.add_argument("--against", default="", metavar="REV",
                        help="also time CRMT with head.py/loss.py of git revision REV (before/after)")
+        p.add_argument("--retraction", action="store_true",
+                       help="also time the retraction prototype (V kept orthonormal, no QR in the forward)")
 
     args = C.parse_args(__doc__.splitlines()[0], repeats=40, extra=extra)
     print(C.machine())
@@ -184,6 +198,9 @@ def main() -> None:
         print(f"\nBefore/after: head.py + loss.py of {args.against} vs the working tree (same run, interleaved)\n")
         print(C.table(["model", "B", f"CRMT@{args.against} ms", "CRMT now ms", "overhead before ms",
                        "overhead now ms", "ratio before", "ratio now", "now/before"], AGAINST))
+    if RETRACTION:
+        print("\nRetraction prototype (benchmarks/_common.retraction_head; not gradient-identical), same run\n")
+        print(C.table(["model", "B", "retraction step ms", "retraction/JT", "retraction/CRMT"], RETRACTION))
     print(f"\n{args.repeats} interleaved rounds x {args.inner} steps after {args.warmup} warm-up rounds. "
           "Step times: medians over rounds of process CPU time; ratios: median over rounds of "
           "CRMT/JT within the round (CPU time, and wall-clock). Peak: torch CPU allocations above "

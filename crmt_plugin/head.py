@@ -18,6 +18,7 @@ those of the uncached map (the QR's own backward formula, applied to the cached 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
@@ -65,15 +66,14 @@ class _Factors(NamedTuple):
     deep copy or a re-created parameter is another object: a miss); ``key`` holds the number of
     optimiser steps taken in the process and the parameter's version counter, ``data_ptr``, dtype
     and device: optimiser steps (fused ones too), ``load_state_dict``, edits under ``no_grad`` and
-    ``.to(...)`` all change it. ``q`` (d, K) and ``r`` (K, K) are the QR factors of V^T and
-    ``signs`` (K,) the sign fix, for the backward; ``weight`` is W~ (K, d). For unit-norm rows
-    (K > d or ``orthonormal=False``) ``q``/``r``/``signs`` are None and ``r`` holds nothing.
+    ``.to(...)`` all change it. ``weight`` is W~ (K, d); ``r`` (K, K) and ``signs`` (K,) are the
+    triangular factor of the QR of V^T and its sign fix, V^T = W~^T diag(signs) r, kept for the
+    backward (None for unit-norm rows: K > d or ``orthonormal=False``).
     """
 
     source: "weakref.ref[Tensor]"
     key: Tuple[Any, ...]
     weight: Tensor
-    q: Optional[Tensor]
     r: Optional[Tensor]
     signs: Optional[Tensor]
 
@@ -105,21 +105,22 @@ def _key(v: Tensor) -> Tuple[Any, ...]:
 class _CachedOrthonormalRows(torch.autograd.Function):
     """W~ = orthonormalize_rows(V) from cached factors: no QR in the forward.
 
-    Backward (V^T = Q R, W~ = (Q S)^T, S = diag(signs), so dL/dQ = G^T S for G = dL/dW~, dL/dR = 0):
-    M = -(dL/dQ)^T Q, C = tril(M, -1) + tril(M, -1)^T + diag(M), dL/dV = R^{-1} ((dL/dQ)^T + C Q^T),
-    the backward of ``torch.linalg.qr``. A double backward (``create_graph=True``) recomputes the QR
-    under autograd instead, so higher derivatives are those of the uncached map.
+    Backward: with the sign-fixed factors V^T = Q R', Q = W~^T, R' = S R, S = diag(signs) (a QR of
+    V^T, so the QR's differential applies), G = dL/dW~ and dL/dR' = 0: M = -G Q (K, K),
+    C = tril(M, -1) + tril(M, -1)^T + diag(M), dL/dV^T = (G^T + Q C) R'^{-T} = ((G^T + Q C) S) R^{-T}
+    -- the backward of ``torch.linalg.qr``. A double backward (``create_graph=True``) recomputes the QR under autograd
+    instead, so higher derivatives are those of the uncached map.
     """
 
     @staticmethod
-    def forward(ctx: Any, v: Tensor, weight: Tensor, q: Tensor, r: Tensor, signs: Tensor) -> Tensor:
-        ctx.save_for_backward(q, r, signs)
+    def forward(ctx: Any, v: Tensor, weight: Tensor, r: Tensor, signs: Tensor) -> Tensor:
+        ctx.save_for_backward(weight, r, signs)
         ctx.source, ctx.version = v, v._version
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        q, r, signs = ctx.saved_tensors
+        weight, r, signs = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the QR itself
             v = ctx.source
             if v._version != ctx.version:
@@ -129,25 +130,28 @@ class _CachedOrthonormalRows(torch.autograd.Function):
                 )
             with torch.enable_grad():
                 (grad_v,) = torch.autograd.grad(orthonormalize_rows(v), v, grad, create_graph=True)
-            return grad_v, None, None, None, None
-        grad_q = grad.mT * signs  # (d, K)
-        m = -(grad_q.mT @ q)
-        lower = m.tril(-1)
-        sym = lower + lower.mT + torch.diag_embed(m.diagonal())
-        grad_v = torch.linalg.solve_triangular(r, grad_q.mT + sym @ q.mT, upper=True)
-        return grad_v, None, None, None, None
+            return grad_v, None, None, None
+        q = weight.mT  # (d, K)
+        m = grad @ q  # -M
+        minus_c = m.tril() + m.tril(-1).mT
+        # a triangular solve from the right (measured ~3.5x faster on this CPU than the equivalent
+        # left solve with R on the (K, d) transpose)
+        rhs = torch.addmm(grad.mT, q, minus_c, alpha=-1) * signs
+        grad_vt = torch.linalg.solve_triangular(r.mT, rhs, upper=False, left=False)
+        return grad_vt.mT, None, None, None
+
+
+try:
+    from torch._C._functorch import is_functorch_wrapped_tensor as _functorch_wrapped
+except ImportError:  # pragma: no cover - very old torch
+    def _functorch_wrapped(v: Tensor) -> bool:
+        return False
 
 
 def _cacheable(v: Tensor) -> bool:
     """The cache is for plain eager tensors: under torch.compile, functorch transforms or tensor
     subclasses the map is computed as written (the compiler and the transforms see the QR)."""
-    if type(v) not in (nn.Parameter, Tensor) or torch.compiler.is_compiling():
-        return False
-    try:
-        from torch._C._functorch import is_functorch_wrapped_tensor
-    except ImportError:  # pragma: no cover - very old torch
-        return True
-    return not is_functorch_wrapped_tensor(v)
+    return type(v) in (nn.Parameter, Tensor) and not torch.compiler.is_compiling() and not _functorch_wrapped(v)
 
 
 class CRMTHead(nn.Module):
@@ -285,38 +289,54 @@ class CRMTHead(nn.Module):
         """W~^(m) (K, d_m): orthonormal rows (K <= d_m) or unit-norm rows (K > d_m, or
         ``orthonormal=False``). Differentiable w.r.t. ``directions[name]``; computed once per
         update of that parameter (cached, see :meth:`clear_cache`)."""
-        weight = self._weight(name)
-        # the cached tensor itself is never handed out detached: an in-place edit of the result
-        # must not change the cache
-        return weight if weight.requires_grad else weight.clone()
+        # a copy (differentiable where it needs to be): an in-place edit of the result must not
+        # reach the cache
+        return self._weight(name).clone()
 
     def _weight(self, name: str) -> Tensor:
+        """W~^(m), from the cache where it is current. Not to be modified in place."""
         v = self.directions[name]
         orthonormal = self.orthonormal and self.num_classes <= v.shape[1]
         if not (self.cache_directions and _cacheable(v)):
             return orthonormalize_rows(v) if orthonormal else normalize_rows(v)
-        factors = self._factors.get(name)
-        if factors is None or factors.source() is not v or factors.key != _key(v):
-            factors = self._factorise(v, orthonormal)
-            self._factors[name] = factors
-        if not (v.requires_grad and torch.is_grad_enabled()):
-            return factors.weight
-        if orthonormal:
-            return _CachedOrthonormalRows.apply(v, factors.weight, factors.q, factors.r, factors.signs)
-        return normalize_rows(v)  # cheap and elementwise: the graph is built as usual
-
-    @staticmethod
-    def _factorise(v: Tensor, orthonormal: bool) -> _Factors:
         key = _key(v)
-        with torch.inference_mode(False), torch.no_grad(), no_autocast(v.device):
-            if orthonormal:
+        factors = self._factors.get(name)
+        grad = v.requires_grad and torch.is_grad_enabled()
+        if factors is None or factors.key != key or factors.source() is not v:
+            if grad and orthonormal and not torch.is_autocast_enabled(v.device.type):
+                # the first call after an update that needs the graph (a training forward): the QR
+                # under autograd, exactly as without the cache, and its factors kept for later calls
                 q, r = torch.linalg.qr(v.mT, mode="reduced")
                 signs = torch.where(torch.diagonal(r) >= 0, 1.0, -1.0).to(q.dtype)
                 weight = (q * signs).mT
+                self._factors[name] = _Factors(weakref.ref(v), key, weight.detach(), r.detach(), signs)
+                return weight
+            factors = self._factorise(v, orthonormal, key)
+            self._factors[name] = factors
+        if not grad:
+            return factors.weight
+        if orthonormal:
+            return _CachedOrthonormalRows.apply(v, factors.weight, factors.r, factors.signs)
+        return normalize_rows(v)  # cheap and elementwise: the graph is built as usual
+
+    @staticmethod
+    def _factorise(source: Tensor, orthonormal: bool, key: Tuple[Any, ...]) -> _Factors:
+        # detached, in the parameter's own dtype (never an enclosing autocast's), normal tensors even
+        # inside inference_mode: the factors must serve any later call (the contexts only where needed)
+        v = source.detach()
+        with contextlib.ExitStack() as stack:
+            if torch.is_inference_mode_enabled():
+                stack.enter_context(torch.inference_mode(False))
+            if torch.is_autocast_enabled(v.device.type):
+                stack.enter_context(no_autocast(v.device))
+            if orthonormal:
+                q, r = torch.linalg.qr(v.mT, mode="reduced")
+                signs = torch.where(torch.diagonal(r) >= 0, 1.0, -1.0).to(q.dtype)
+                weight = (q * signs).mT  # exactly orthonormalize_rows(v)
             else:
-                q = r = signs = None
+                r = signs = None
                 weight = normalize_rows(v)
-        return _Factors(weakref.ref(v), key, weight, q, r, signs)
+        return _Factors(weakref.ref(source), key, weight, r, signs)
 
     def clear_cache(self) -> None:
         """Forget the cached W~ (and QR factors) of every modality.
