@@ -10,7 +10,7 @@ for d in crmt_plugin tests examples benchmarks experiments scripts; do
 done
 echo "test.sh: ruff check ${lint[*]}"
 ruff_status=0
-python3 -m ruff check "${lint[@]}" || ruff_status=$?
+python3 -m ruff check --output-format concise "${lint[@]}" || ruff_status=$?
 python3 -m pytest -q -p no:cacheprovider tests
 if [ "$ruff_status" -ne 0 ]; then
     echo "test.sh: the tests passed, but ruff found the violations listed above" >&2
