@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,10 @@ __all__ = [
     "call_model",
     "logits_of",
     "output_logits",
+    "pick_logits",
+    "OutputPicker",
+    "describe_output",
+    "check_forward_signature",
     "keywords_only",
     "ModelCall",
     "module_device",
@@ -231,14 +235,97 @@ def logits_of(
     return output_logits(out)
 
 
-def output_logits(out: Any) -> Tensor:
-    """(B, K) logits from a model output: a tensor or an object with a ``.logits`` tensor."""
-    logits = getattr(out, "logits", out)
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        found = type(out).__name__ if not isinstance(logits, Tensor) else f"a tensor of shape {tuple(logits.shape)}"
-        raise CRMTError(
-            f"the model must return logits (B, K) or an object with a `.logits` tensor (B, K); found {found}. "
-            "Pass call=lambda model, inputs: model(**inputs)[0] (or the like) to pick the logits"
-        )
+def describe_output(out: Any) -> str:
+    """A short description of a model output, for error messages."""
+    if isinstance(out, Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        parts = ", ".join(describe_output(o) if isinstance(o, Tensor) else type(o).__name__ for o in out)
+        return f"a {type(out).__name__} of {len(out)} ({parts})"
+    if isinstance(out, Mapping):
+        return f"a {type(out).__name__} with keys {list(out)}"
+    return f"a {type(out).__name__}"
+
+
+OutputPicker = Union[None, int, str, Callable[[Any], Tensor]]
+
+
+def pick_logits(out: Any, output: OutputPicker) -> Tensor:
+    """The (B, K) logits inside a model's output.
+
+    ``output=None``: the output itself (a tensor) or its ``.logits`` tensor; an int: ``out[i]`` (a
+    tuple or list); a str: ``out[key]`` (a mapping) or ``getattr(out, key)``; a callable:
+    ``output(out)``.
+
+    Example::
+
+        >>> pick_logits((torch.ones(2, 3), torch.zeros(2, 8)), 0).shape
+        torch.Size([2, 3])
+        >>> pick_logits({"logits": torch.ones(2, 3)}, "logits").shape
+        torch.Size([2, 3])
+    """
+    how = "pass output=0 (a tuple's first element), output=\"logits\" (a key or attribute) or a callable out -> logits"
+    if output is None:
+        logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+        if not isinstance(logits, Tensor):
+            raise CRMTError(f"the model returns {describe_output(out)}, expected the logits (B, K): {how}")
+    elif isinstance(output, bool) or not (isinstance(output, (int, str)) or callable(output)):
+        raise CRMTError(f"output must be None, an int, a str or a callable picking the logits, found {output!r}")
+    elif isinstance(output, int):
+        if not isinstance(out, (tuple, list)) or not -len(out) <= output < len(out):
+            raise CRMTError(f"output={output} picks element {output} of the model's output, but the model "
+                            f"returns {describe_output(out)}")
+        logits = out[output]
+    elif isinstance(output, str):
+        if isinstance(out, Mapping):
+            if output not in out:
+                raise CRMTError(f"output={output!r}: the model returns {describe_output(out)}")
+            logits = out[output]
+        elif hasattr(out, output):
+            logits = getattr(out, output)
+        else:
+            raise CRMTError(f"output={output!r}: the model returns {describe_output(out)}, which has no such key or "
+                            "attribute")
+    else:
+        logits = output(out)
+    if not isinstance(logits, Tensor) or logits.dim() < 1:
+        raise CRMTError(f"the logits picked from the model's output must be a tensor (B, K), found "
+                        f"{describe_output(logits)}; the model returns {describe_output(out)}")
     return logits
 
+
+def check_forward_signature(model: nn.Module, names: Sequence[str]) -> None:
+    """Raise unless ``model(**{name: tensor})`` binds to the forward's parameters."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return
+    params = list(signature.parameters.values())
+    kind = inspect.Parameter
+    var_keyword = any(p.kind is kind.VAR_KEYWORD for p in params)
+    by_name = {p.name for p in params if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)}
+    required = [p.name for p in params if p.default is kind.empty
+                and p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)]
+    unaccepted = [] if var_keyword else [n for n in names if n not in by_name]
+    unfilled = [n for n in required if n not in names or n not in by_name]
+    if unaccepted or unfilled:
+        problems = []
+        if unaccepted:
+            problems.append(f"it takes no argument named {unaccepted}")
+        if unfilled:
+            problems.append(f"its required arguments {unfilled} are not modality names")
+        raise CRMTError(
+            f"{type(model).__name__}.forward{signature} cannot be called as model(**inputs) with the modalities "
+            f"{list(names)}: {' and '.join(problems)}. Name the forward's arguments after the modalities, or pass "
+            "call=lambda model, inputs: model(...) (e.g. model(inputs) or model(inputs['audio'], inputs['video']))"
+        )
+
+
+def output_logits(out: Any, output: "OutputPicker" = None) -> Tensor:
+    """(B, K) logits from a model output: the tensor itself or its ``.logits`` tensor by default; see
+    :func:`pick_logits` for ``output``."""
+    logits = pick_logits(out, output)
+    if logits.dim() != 2:
+        raise CRMTError(f"the model must return logits (B, K), found a tensor of shape {tuple(logits.shape)}; "
+                        "pass output=... (or call=...) to pick the logits")
+    return logits

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._runtime import (
+    OutputPicker,
+    check_forward_signature,
+    pick_logits,
     Inputs,
     ModeGuard,
     PrepareBatch,
@@ -24,6 +25,7 @@ from ._runtime import (
 )
 from .certify import Certificate, certificate_terms, radii_from_margins, resolve_denominator, stored_margins
 from .errors import CRMTError
+from .fusion import SummedHeadShare
 from .head import CRMTHead
 from .integration import IntegrationResult, fit_integration
 from .lipschitz import LipschitzConstants, LipschitzLike, as_lipschitz, estimate_lipschitz
@@ -37,7 +39,7 @@ from .structure import (
     probe,
 )
 
-__all__ = ["CRMTWrapper", "CRMTOutput", "SummedHeadShare", "pick_logits"]
+__all__ = ["CRMTWrapper", "CRMTOutput"]
 
 @dataclass
 class CRMTOutput:
@@ -112,144 +114,6 @@ def _linear_at(model: nn.Module, path: str) -> nn.Linear:
     if not isinstance(linear, nn.Linear):
         raise CRMTError(f"head {path!r} is a {type(linear).__name__}, expected torch.nn.Linear")
     return linear
-
-
-def _describe(out: Any) -> str:
-    if isinstance(out, Tensor):
-        return f"a tensor of shape {tuple(out.shape)}"
-    if isinstance(out, (tuple, list)):
-        parts = ", ".join(_describe(o) if isinstance(o, Tensor) else type(o).__name__ for o in out)
-        return f"a {type(out).__name__} of {len(out)} ({parts})"
-    if isinstance(out, Mapping):
-        return f"a {type(out).__name__} with keys {list(out)}"
-    return f"a {type(out).__name__}"
-
-
-OutputPicker = Union[None, int, str, Callable[[Any], Tensor]]
-
-
-def pick_logits(out: Any, output: OutputPicker) -> Tensor:
-    """The (B, K) logits inside a model's output.
-
-    ``output=None``: the output itself (a tensor) or its ``.logits`` tensor; an int: ``out[i]`` (a
-    tuple or list); a str: ``out[key]`` (a mapping) or ``getattr(out, key)``; a callable:
-    ``output(out)``.
-
-    Example::
-
-        >>> pick_logits((torch.ones(2, 3), torch.zeros(2, 8)), 0).shape
-        torch.Size([2, 3])
-        >>> pick_logits({"logits": torch.ones(2, 3)}, "logits").shape
-        torch.Size([2, 3])
-    """
-    how = "pass output=0 (a tuple's first element), output=\"logits\" (a key or attribute) or a callable out -> logits"
-    if output is None:
-        logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
-        if not isinstance(logits, Tensor):
-            raise CRMTError(f"the model returns {_describe(out)}, expected the logits (B, K): {how}")
-    elif isinstance(output, bool) or not (isinstance(output, (int, str)) or callable(output)):
-        raise CRMTError(f"output must be None, an int, a str or a callable picking the logits, found {output!r}")
-    elif isinstance(output, int):
-        if not isinstance(out, (tuple, list)) or not -len(out) <= output < len(out):
-            raise CRMTError(f"output={output} picks element {output} of the model's output, but the model "
-                            f"returns {_describe(out)}")
-        logits = out[output]
-    elif isinstance(output, str):
-        if isinstance(out, Mapping):
-            if output not in out:
-                raise CRMTError(f"output={output!r}: the model returns {_describe(out)}")
-            logits = out[output]
-        elif hasattr(out, output):
-            logits = getattr(out, output)
-        else:
-            raise CRMTError(f"output={output!r}: the model returns {_describe(out)}, which has no such key or "
-                            "attribute")
-    else:
-        logits = output(out)
-    if not isinstance(logits, Tensor) or logits.dim() < 1:
-        raise CRMTError(f"the logits picked from the model's output must be a tensor (B, K), found "
-                        f"{_describe(logits)}; the model returns {_describe(out)}")
-    return logits
-
-
-def _check_signature(model: nn.Module, names: Sequence[str]) -> None:
-    """Raise unless ``model(**{name: tensor})`` binds to the forward's parameters."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return
-    params = list(signature.parameters.values())
-    kind = inspect.Parameter
-    var_keyword = any(p.kind is kind.VAR_KEYWORD for p in params)
-    by_name = {p.name for p in params if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)}
-    required = [p.name for p in params if p.default is kind.empty
-                and p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)]
-    unaccepted = [] if var_keyword else [n for n in names if n not in by_name]
-    unfilled = [n for n in required if n not in names or n not in by_name]
-    if unaccepted or unfilled:
-        problems = []
-        if unaccepted:
-            problems.append(f"it takes no argument named {unaccepted}")
-        if unfilled:
-            problems.append(f"its required arguments {unfilled} are not modality names")
-        raise CRMTError(
-            f"{type(model).__name__}.forward{signature} cannot be called as model(**inputs) with the modalities "
-            f"{list(names)}: {' and '.join(problems)}. Name the forward's arguments after the modalities, or pass "
-            "call=lambda model, inputs: model(...) (e.g. model(inputs) or model(inputs['audio'], inputs['video']))"
-        )
-
-
-class SummedHeadShare(nn.Module):
-    """One modality's share of a sum-of-heads fusion: replaces that modality's ``nn.Linear(d_m, K)``.
-
-    ``share(phi^(m)) = a^(m) * (W~^(m) phi^(m)) (+ b for the share that carries the bias)``, so that
-    the model's own sum of per-modality logits is the CRMT head's fused logits
-    ``sum_m a^(m) * z^(m) + b``. All shares use one :class:`CRMTHead`; the first share holds it as a
-    submodule (its parameters appear once, under that share), the others refer to it.
-    """
-
-    def __init__(self, head: CRMTHead, modality: str, *, owner: bool, carries_bias: bool, has_bias: bool) -> None:
-        super().__init__()
-        if owner:
-            self.head = head
-        else:  # not registered: the owner share holds the parameters
-            object.__setattr__(self, "_shared_head", head)
-        self.modality = modality
-        self.owner = owner
-        self.carries_bias = carries_bias
-        self.has_bias = has_bias
-        self.in_features = head.widths[modality]
-        self.out_features = head.num_classes
-        self._last: Optional[Tuple[Tensor, Tensor]] = None
-
-    @property
-    def crmt_head(self) -> CRMTHead:
-        """The shared CRMT head."""
-        return self.head if self.owner else self.__dict__["_shared_head"]
-
-    def forward(self, features: Tensor) -> Tensor:
-        head = self.crmt_head
-        if features.shape[-1] != self.in_features:
-            raise CRMTError(f"the head of modality {self.modality!r} expected features with last dimension "
-                            f"{self.in_features}, found shape {tuple(features.shape)}")
-        index = head.modalities.index(self.modality)
-        z = F.linear(features, head.unimodal_weight(self.modality))
-        share = head.integration_weights()[index] * z
-        if self.carries_bias:
-            share = share + head.bias
-        self._last = (z, features)
-        return share
-
-    def pop_last(self) -> Tuple[Tensor, Tensor]:
-        """(z^(m), phi^(m)) of the last call (and forget them)."""
-        last, self._last = self._last, None
-        if last is None:
-            raise CRMTError(f"the head of modality {self.modality!r} was not called during the model's forward: "
-                            "check that `head` maps each modality to the nn.Linear the model uses")
-        return last
-
-    def extra_repr(self) -> str:
-        return f"modality={self.modality!r}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 def _example_dict(example_inputs: Any) -> Optional[Dict[str, Tensor]]:
@@ -345,7 +209,7 @@ class CRMTWrapper(nn.Module):
                             f"{sorted(declared)}")
         names = declared if declared is not None else (list(example) if example is not None else None)
         if call is None and names is not None:
-            _check_signature(model, names)
+            check_forward_signature(model, names)
         if example is not None:
             self._try_forward(model, example)
         if head is None or (modalities is None and not isinstance(head, Mapping)):
