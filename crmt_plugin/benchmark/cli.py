@@ -194,6 +194,7 @@ def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any
         "quick": bool(args.quick),
         "command": command,
         "seconds": time.time() - started,
+        "cpu_seconds": time.process_time(),  # this process's CPU time (all its threads), load-independent
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

@@ -4,7 +4,8 @@ For a trained model and an l2 radius r (one joint budget sqrt(sum_m ||eps_m||^2)
 
 * ``clean``: accuracy;
 * ``pgd_joint``: per sample the worst of the strong gradient attacks on all modalities jointly —
-  :func:`crmt_plugin.attacks.strong_attack` when the library has it, else
+  :func:`crmt_plugin.attacks.strong_attack` (APGD-CE, APGD-DLR with restarts, targeted DLR and CW
+  runs; ``steps`` and ``restarts`` passed on) when the library has it, else
   :class:`~crmt_plugin.attacks.PGD` with ``steps`` (50) steps and ``restarts`` (2) restarts on
   cross-entropy plus one run on the CW margin (scale-invariant in the logits' ranking, informative
   where cross-entropy saturates);
@@ -158,7 +159,8 @@ def strong_attacks(radius: float, modalities: Optional[Sequence[str]], cfg: Eval
     """The strong gradient attacks at ``radius`` on ``modalities`` (None: all jointly)."""
     mods = tuple(modalities) if modalities is not None else None
     if hasattr(attacks_module, "strong_attack"):
-        return [attacks_module.strong_attack(radius, norm="l2", modalities=mods, generator=_gen(seed))]
+        return [attacks_module.strong_attack(radius, norm="l2", modalities=mods, generator=_gen(seed),
+                                             steps=cfg.steps, restarts=cfg.restarts)]
     return [attacks_module.PGD(radius, norm="l2", modalities=mods, steps=cfg.steps, restarts=cfg.restarts,
                                generator=_gen(seed)),
             attacks_module.PGD(radius, norm="l2", modalities=mods, steps=cfg.steps, restarts=1, loss=cw_loss,
@@ -243,7 +245,7 @@ def mean_robust(row: Mapping[str, Any], modalities: Sequence[str]) -> float:
 def evaluate(trained: Any, data: BenchmarkData, radius: float, cfg: EvalConfig, *, seed: int = 0,
              device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
     """The row of ``results.json`` for one trained model (see the module docstring)."""
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     model = trained.model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -296,7 +298,9 @@ def evaluate(trained: Any, data: BenchmarkData, radius: float, cfg: EvalConfig, 
     row["val_accuracy"] = float(trained.best_val)
     row["best_epoch"] = int(trained.best_epoch)
     row["train_seconds"] = float(trained.train_seconds)
+    row["train_cpu_seconds"] = float(getattr(trained, "train_cpu_seconds", 0.0))
     row["eval_seconds"] = time.time() - started
+    row["eval_cpu_seconds"] = time.process_time() - cpu_started
     if trained.step2 is not None:
         row["step2"] = trained.step2
     return row

@@ -121,6 +121,7 @@ class Trained:
     best_val: float
     best_epoch: int
     train_seconds: float
+    train_cpu_seconds: float = 0.0
     history: List[Dict[str, float]] = field(default_factory=list)
 
 
@@ -208,7 +209,7 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     ``epoch_bar`` wraps the epoch range (a progress bar) and may have ``set_postfix``.
     """
     check_methods([method])
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     torch.manual_seed(seed)
     model = new_model(data).to(device)
     crmt: Optional[CRMTWrapper] = None
@@ -298,4 +299,5 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     else:
         plain = model
     return Trained(method=method, seed=seed, model=plain, crmt=crmt, lipschitz=lipschitz, step2=step2,
-                   best_val=best_val, best_epoch=best_epoch, train_seconds=time.time() - started, history=history)
+                   best_val=best_val, best_epoch=best_epoch, train_seconds=time.time() - started,
+                   train_cpu_seconds=time.process_time() - cpu_started, history=history)

@@ -1,0 +1,232 @@
+"""The published results: ``crmt-benchmark`` on every data configuration x 9 methods x 3 seeds.
+
+    python experiments/run_matrix.py                       # writes the data files if missing, runs, writes the pages
+    python experiments/run_matrix.py --summarize-only      # rebuild docs/results.md from finished runs
+
+Runs ``python -m crmt_plugin.benchmark`` once per data set (``--processes`` at a time, one torch
+thread each; log ``<runs>/<name>.log``, output ``<runs>/<name>/``), and after every finished data set
+rewrites ``docs/results.md`` (the win/loss summary per data set and recipe pair) and
+``docs/results/<name>.md`` + ``.png`` (the data set's ``results.md`` and ``robustness.png``).
+
+A pair (baseline, CRMT variant) is a **win** on a data set when the variant's clean accuracy is within
+1 point of the baseline's (mean of the seeds) and its mean robust accuracy (mean of worst joint,
+PGD on each modality, each modality missing) is higher; otherwise a **loss**, with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from crmt_plugin.benchmark.report import pair_differences, render_markdown  # noqa: E402
+
+import make_datasets  # noqa: E402
+
+METHODS = "jt,crmt-jt,pgd-at,crmt-at,trades,crmt-trades,mixup,crmt-mix,paper-crmt-jt"
+# run order (the pool takes the next one when a worker is free): the long AV runs early
+ORDER = ("av", "mor-fac", "fou-zer", "av-noisy", "pix-fac", "fou-kar-mor", "nutrimouse")
+# per data set flags beyond the defaults: AV digits (CNN encoders, 3000 samples) is ~10x the CPU cost
+# of an mfeat pair, so it trains 12 epochs and attacks the first 300 test pairs with 500 queries
+EXTRA = {"av": ["--epochs", "12", "--max-test", "300", "--queries", "500"],
+         "av-noisy": ["--epochs", "12", "--max-test", "300", "--queries", "500"],
+         "nutrimouse": ["--batch-size", "8"]}  # 24 training mice
+DESCRIPTION = {
+    "av": "AV digits: audio MFCC (13, 32) + MNIST image (1, 28, 28); audio preferred",
+    "av-noisy": "AV digits with noise (std 2) on the audio: the image becomes preferred",
+    "mor-fac": "mfeat mor (6-d, weak) + fac (216-d, strong)",
+    "fou-zer": "mfeat fou (76) + zer (47): two mid-strength views",
+    "pix-fac": "mfeat pix (240) + fac (216): two strong views",
+    "fou-kar-mor": "mfeat fou + kar + mor: three views",
+    "nutrimouse": "Nutrimouse diet: genes (120) + lipids (21), 40 mice - too small to conclude",
+}
+TINY = ("nutrimouse",)
+PAIRS = (("jt", "crmt-jt"), ("pgd-at", "crmt-at"), ("trades", "crmt-trades"), ("mixup", "crmt-mix"),
+         ("paper-crmt-jt", "crmt-jt"))
+
+
+def command_for(name: str, args: argparse.Namespace) -> List[str]:
+    return [sys.executable, "-m", "crmt_plugin.benchmark", "--data", os.path.join(args.data_dir, f"{name}.npz"),
+            "--methods", args.methods, "--seeds", *map(str, args.seeds), "--out", os.path.join(args.runs, name),
+            "--threads", "1", "--no-progress", *EXTRA.get(name, []), *args.extra]
+
+
+def run_one(name: str, args: argparse.Namespace) -> float:
+    cmd = command_for(name, args)
+    started = time.time()
+    with open(os.path.join(args.runs, f"{name}.log"), "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if code != 0:
+        print(f"{name}: exit {code}, see {args.runs}/{name}.log", flush=True)
+    else:
+        print(f"{name}: done in {time.time() - started:.0f} s", flush=True)
+        write_pages(args)
+    return time.time() - started
+
+
+def _mean(rows, method, key) -> Optional[float]:
+    v = [r[key] for r in rows if r["method"] == method and r.get(key) is not None]
+    return statistics.fmean(v) if v else None
+
+
+def verdict(results: Dict[str, Any], base: str, variant: str) -> Optional[Dict[str, Any]]:
+    diffs = pair_differences(results["rows"], results["modalities"], pairs=[(base, variant)])
+    if not diffs:
+        return None
+    c = diffs[0]["columns"]
+    clean, robust, worst = c["clean"], c["mean_robust"], c["worst_joint"]
+    win = clean["mean"] >= -0.01 and robust["mean"] > 0
+    return {"win": win, "clean": clean, "robust": robust, "worst": worst}
+
+
+def _cell(v: Dict[str, Any]) -> str:
+    def pts(e):
+        return f"{100 * e['mean']:+.1f} ± {100 * e['std']:.1f} ({e['higher']}/{e['seeds']})"
+
+    tag = "**win**" if v["win"] else "loss"
+    return f"{tag}: clean {pts(v['clean'])}; robust {pts(v['robust'])}; worst joint {pts(v['worst'])}"
+
+
+def write_pages(args: argparse.Namespace) -> str:
+    """docs/results.md and docs/results/<name>.md from every finished run in ``args.runs``."""
+    details = os.path.join(os.path.dirname(os.path.abspath(args.page)), "results")
+    os.makedirs(details, exist_ok=True)
+    finished: Dict[str, Dict[str, Any]] = {}
+    for name in ORDER:
+        path = os.path.join(args.runs, name, "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                finished[name] = json.load(f)
+    for name, results in finished.items():
+        with open(os.path.join(details, f"{name}.md"), "w") as f:
+            f.write(render_markdown(results, title=f"{name}: {DESCRIPTION.get(name, name)}")
+                    + f"\n![accuracy vs radius]({name}.png)\n")
+        png = os.path.join(args.runs, name, "robustness.png")
+        if os.path.exists(png):
+            shutil.copyfile(png, os.path.join(details, f"{name}.png"))
+    lines = ["# Results: CRMT vs its baselines, measured with `crmt-benchmark`", ""]
+    total = sum(r.get("seconds", 0) for r in finished.values())
+    lines.append(f"Generated by `python experiments/run_matrix.py` (data: `python experiments/make_datasets.py`). "
+                 f"{len(finished)} of {len(ORDER)} data sets finished; their runs took {total / 60:.0f} min in all "
+                 f"(sum over data sets, {args.processes} at a time, one torch thread each) on "
+                 f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other agents' work (load average "
+                 f"often 6-12 during the run: wall times are several times the CPU time). Do not edit by hand.")
+    lines += ["", "**Protocol** (`crmt-benchmark` defaults unless noted): methods "
+              f"`{args.methods}`, seeds {' '.join(map(str, args.seeds))}; every method trains the same model "
+              "(an encoder per modality chosen by the array's shape, BatchNorm, one linear fusion head; sizes by "
+              "the rule in `crmt_plugin/benchmark/models.py`) with Adam 1e-3, weight decay 1e-4, batch 64, 30 "
+              "epochs (AV digits 12), the epoch with the best validation accuracy kept. CRMT methods use the "
+              "library defaults of `crmt_loss` and `fit_integration` (step 2 with the validation split); "
+              "`paper-crmt-jt` is the paper's procedure as published (raw margin, rho 2, a = 0.1, step 2 SGD lr "
+              "3e-5, momentum 0.9, weight decay 1e-2, a third of the epochs, mean radius, no accuracy constraint). "
+              "Training attacks: l2-PGD, 3 steps, joint budget = the evaluation radius. Evaluation on the test split "
+              "(AV digits: the first 300 test pairs), in the file's units, at one l2 radius per data set: the "
+              "radius where JT's joint accuracy on the validation split is closest to 45 %. Attacks: the library's "
+              "strongest (`crmt_plugin.attacks.strong_attack` when present, else l2-PGD 50 steps x 2 restarts on "
+              "cross-entropy + 50 steps on the CW margin), a gradient-free attack on the joint budget "
+              "(`crmt_plugin.attacks.Square` when present, else the benchmark's l2 random search, 1000 queries; "
+              "AV digits 500), the worst case per sample over all of them; each modality missing (train-mean "
+              "fill).", ""]
+    lines += ["**Verdict rule.** A CRMT variant **wins** against its baseline on a data set when its clean "
+              "accuracy is at most 1 point below the baseline's and its *mean robust accuracy* (mean of worst "
+              "joint, PGD on each modality, each modality missing) is higher, both as means over the 3 seeds; "
+              "otherwise it is a loss. Cells: variant − baseline in points, mean ± std over seeds (seeds where the "
+              "variant is higher / seeds).", ""]
+    header = "| data set | r | " + " | ".join(f"{v} vs {b}" for b, v in PAIRS) + " |"
+    lines += ["## Win / loss per data set and recipe pair", "", header, "|---|--:|" + "---|" * len(PAIRS)]
+    wins = {p: [0, 0] for p in PAIRS}
+    for name, results in finished.items():
+        cells = []
+        for pair in PAIRS:
+            v = verdict(results, *pair)
+            if v is None:
+                cells.append("–")
+                continue
+            if name not in TINY:
+                wins[pair][0 if v["win"] else 1] += 1
+            cells.append(_cell(v))
+        label = f"[{name}](results/{name}.md)" + (" (tiny)" if name in TINY else "")
+        lines.append(f"| {label} | {results['radius']:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Totals over the data sets (the tiny Nutrimouse set not counted): "
+              + "; ".join(f"{v} vs {b}: {w} win(s), {lost} loss(es)" for (b, v), (w, lost) in wins.items()), ""]
+    lines += ["## Clean and mean robust accuracy per method", "",
+              "Mean over seeds, %, clean / mean robust / worst joint.", ""]
+    methods = args.methods.split(",")
+    lines.append("| data set | " + " | ".join(methods) + " |")
+    lines.append("|---|" + "--:|" * len(methods))
+    for name, results in finished.items():
+        rows = results["rows"]
+        cells = []
+        for m in methods:
+            c, r, w = (_mean(rows, m, k) for k in ("clean", "mean_robust", "worst_joint"))
+            cells.append("–" if c is None else f"{100 * c:.1f} / {100 * r:.1f} / {100 * w:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    masked = [(name, r["method"], r["seed"]) for name, res in finished.items() for r in res["rows"]
+              if r.get("gradient_masking")]
+    lines += ["", "## Gradient masking check", ""]
+    if masked:
+        lines.append("Models where the gradient-free attack found markedly (≥ 3 points) more errors than the gradient "
+                     "attacks: " + ", ".join(f"{n} {m} seed {s}" for n, m, s in masked) + ".")
+    else:
+        lines.append("No model where the gradient-free attack found markedly (≥ 3 points) more errors than the "
+                     "gradient attacks.")
+    lines += ["", "## Data sets", ""]
+    for name, results in finished.items():
+        lines.append(f"* [{name}](results/{name}.md): {DESCRIPTION.get(name, '')}; radius {results['radius']:g}; "
+                     f"{results['seconds'] / 60:.0f} min.")
+    pending = [n for n in ORDER if n not in finished]
+    if pending:
+        lines.append(f"* not finished when this page was written: {', '.join(pending)}")
+    lines += ["", "Command: `python experiments/run_matrix.py` (each data set: "
+              "`crmt-benchmark --data runs/benchmark-data/<name>.npz --methods "
+              f"{args.methods} --seeds 0 1 2 --out runs/matrix/<name>` plus the AV flags "
+              f"`{' '.join(EXTRA['av'])}`).", ""]
+    with open(args.page, "w") as f:
+        f.write("\n".join(lines))
+    return args.page
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=os.path.join(REPO, "runs", "benchmark-data"))
+    p.add_argument("--runs", default=os.path.join(REPO, "runs", "matrix"))
+    p.add_argument("--datasets", nargs="+", default=list(ORDER), choices=ORDER)
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--page", default=os.path.join(REPO, "docs", "results.md"))
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every crmt-benchmark run")
+    p.add_argument("--summarize-only", action="store_true")
+    args = p.parse_args(argv)
+    os.makedirs(args.runs, exist_ok=True)
+    if args.summarize_only:
+        print(write_pages(args))
+        return
+    missing = [n for n in args.datasets if not os.path.exists(os.path.join(args.data_dir, f"{n}.npz"))]
+    if missing:
+        make_datasets.main(["--out", args.data_dir, "--only", *missing, "--no-probe"])
+    started = time.time()
+    with ThreadPoolExecutor(max_workers=args.processes) as pool:
+        list(pool.map(lambda n: run_one(n, args), [n for n in ORDER if n in args.datasets]))
+    print(f"matrix done in {(time.time() - started) / 60:.1f} min; {write_pages(args)}")
+
+
+if __name__ == "__main__":
+    main()
