@@ -118,7 +118,7 @@ def test_certified_rows_sound_and_below_attacks():
     assert result.accuracy("certified", "b", 0.5) == expected
     assert result.accuracy("certified", "a+b", 1.0) < result.accuracy("certified", "a+b", 0.0)
 
-    empirical = evaluate_robustness(crmt, data, radii=[0.5], lipschitz=crmt.estimate_lipschitz(data),
+    empirical = evaluate_robustness(crmt, data, None, radii=[0.5], lipschitz=crmt.estimate_lipschitz(data),
                                     certified_radii=[0.1, 0.3])  # fmt: skip
     assert all(r["sound"] is False for r in empirical.select(attack="certified"))
     assert {r["radius"] for r in empirical.select(attack="certified")} == {0.1, 0.3}
@@ -206,7 +206,7 @@ def test_modality_report_names_preferred_and_weak_spot():
         x = {"a": torch.randn(64, 6, generator=g), "b": torch.randn(64, 6, generator=g)}
         with torch.no_grad():
             data.append((x, model(x).argmax(1)))
-    report = modality_report(model, data, radius=0.3)
+    report = modality_report(model, data, radius=0.3, attack="fast")
     assert isinstance(report, ModalityReport)
     assert report.preferred == "a" and report.weak_spot == "a"
     pm = report.per_modality
@@ -217,17 +217,18 @@ def test_modality_report_names_preferred_and_weak_spot():
     text = str(report)
     assert "Preferred modality: a" in text and "Weak spot: a" in text and "a zeroed" in text
     # with a fill for every modality, absence means the fill: a destructive fill of 'b' flips the verdict
-    filled = modality_report(model, data, radius=0.3, fill={"a": 0.0, "b": 100.0})
+    filled = modality_report(model, data, radius=0.3, attack="fast", fill={"a": 0.0, "b": 100.0})
     pm = filled.per_modality
     assert pm["b"]["missing_fill_accuracy"] < pm["a"]["missing_fill_accuracy"] < pm["b"]["missing_accuracy"]
     assert filled.preferred == "b" and "b filled" in filled.summary()
-    partial = modality_report(model, data, radius=0.3, fill={"b": 100.0})  # not for every modality: zeros decide
+    # a fill not given for every modality: zeros decide
+    partial = modality_report(model, data, radius=0.3, attack="fast", fill={"b": 100.0})
     assert partial.preferred == "a"
 
 
 def test_modality_report_on_crmt_wrapper():
     crmt, lip, data = sound_linear_crmt()
-    report = modality_report(crmt, data, radius=0.5, lipschitz=lip, fill=modality_means(data))
+    report = modality_report(crmt, data, radius=0.5, attack="fast", lipschitz=lip, fill=modality_means(data))
     a = crmt.integration_weights()
     for m in ("a", "b"):
         values = report.per_modality[m]

@@ -166,10 +166,12 @@ class PGD(Attack):
         losses: List[Callable[[Tensor], Tensor]] = []
         y = batch.y
         fn = self.loss
-        if self.loss_name == "dlr" and batch.labels is not None:  # DLR is undefined for few classes
-            classes = batch.logits(batch.zeros()).shape[1]
-            if classes < (4 if self.targets else 3):
-                fn = resolve_loss("cw", targeted=self.targets > 0)[1]
+        if self.loss_name == "dlr" and isinstance(self._config["loss"], str):  # undefined for few classes
+            dlr, cw, least = self.loss, resolve_loss("cw", targeted=self.targets > 0)[1], 4 if self.targets else 3
+
+            def fn(z: Tensor, *args: Tensor) -> Tensor:
+                return (dlr if z.shape[1] >= least else cw)(z, *args)
+
         if self.targets:
             if batch.labels is None:
                 raise CRMTError(f"{self.label}: targeted runs need class labels (B,) as y")

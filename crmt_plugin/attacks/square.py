@@ -4,6 +4,7 @@ subset of modalities with joint or per-modality budgets; respects ``bounds`` (no
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -42,6 +43,7 @@ def _rectangles(h: int, w: int) -> Tensor:
     return delta / delta.pow(2).sum().sqrt()
 
 
+@functools.lru_cache(maxsize=256)
 def _eta(h: int, w: int, flip: bool) -> Tensor:
     """The l2 window pattern (h, w): two opposite-signed halves of concentric rectangles, unit norm."""
     if h >= 2 and (w < 2 or not flip or h != w):

@@ -1,0 +1,192 @@
+"""How strong are our attacks? Accuracy left by ours and by torchattacks' APGD / Square on the
+quickstart's JT and CRMT-JT models (AV digits, seed 0, first 300 test pairs, joint l2 budget).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_attack_strength.py                 # trains if needed
+    OMP_NUM_THREADS=1 python benchmarks/bench_attack_strength.py --checkpoints runs/quickstart
+
+Checkpoints: ``<checkpoints>/jt/model.pt`` and ``<checkpoints>/crmt_jt/model.pt`` (state dicts of
+``AVDigitsNet(feature_dim=64)``, as ``examples/quickstart.py`` writes them; the CRMT-JT one is the
+exported plain model, same logits). Missing ones are trained by running the quickstart.
+
+torchattacks (3.5.1) takes one tensor in [0, 1]: both modalities are flattened, concatenated and
+mapped into [0, 1] with ONE common affine map ``z = (x - lo) / scale`` (``lo``/``scale`` from the
+batch's range widened by the radius, so the box never binds for the unbounded audio), so an l2
+ball stays an l2 ball with ``eps_packed = eps / scale``; a small module unpacks, clamps the image
+to its valid range and calls the model. The packed vector is padded to a square (1, 35, 35) image
+(Square needs square images; the 25 padding entries are ignored by the model). Every adversarial
+batch is checked against the budget in input units before it is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Mapping, Tuple
+
+import torch
+from torch import Tensor, nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from crmt_plugin.attacks import PGD, Square, fast_attack, strong_attack  # noqa: E402
+from crmt_plugin.datasets import load_av_digits  # noqa: E402
+from crmt_plugin.models import AVDigitsNet  # noqa: E402
+
+NAMES = ("audio", "image")
+
+
+class Packed(nn.Module):
+    """(B, 1, H, H) in [0, 1] -> unpack, clamp the image to its valid range -> the model's logits."""
+
+    def __init__(self, model: nn.Module, shapes: Mapping[str, Tuple[int, ...]], lo: float, scale: float,
+                 bounds: Mapping[str, Tuple[float, float]], side: int) -> None:
+        super().__init__()
+        self.model, self.shapes, self.lo, self.scale = model, dict(shapes), lo, scale
+        self.bounds, self.side = bounds, side
+        self.sizes = {n: math.prod(s) for n, s in self.shapes.items()}
+
+    def pack(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        flat = torch.cat([inputs[n].reshape(len(inputs[n]), -1) for n in self.shapes], dim=1)
+        z = (flat - self.lo) / self.scale
+        pad = self.side * self.side - z.shape[1]
+        z = torch.cat([z, torch.full((z.shape[0], pad), 0.5, dtype=z.dtype)], dim=1)
+        return z.reshape(-1, 1, self.side, self.side)
+
+    def unpack(self, z: Tensor) -> Dict[str, Tensor]:
+        flat = z.reshape(z.shape[0], -1) * self.scale + self.lo
+        out, start = {}, 0
+        for n, shape in self.shapes.items():
+            x = flat[:, start:start + self.sizes[n]].reshape((-1,) + shape)
+            lo, hi = self.bounds.get(n, (-math.inf, math.inf))
+            out[n] = x.clamp(lo, hi) if math.isfinite(lo) or math.isfinite(hi) else x
+            start += self.sizes[n]
+        return out
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.model(self.unpack(z))
+
+
+def load_models(checkpoints: str, splits) -> Dict[str, nn.Module]:
+    paths = {"JT": os.path.join(checkpoints, "jt", "model.pt"),
+             "CRMT-JT": os.path.join(checkpoints, "crmt_jt", "model.pt")}
+    if not all(os.path.exists(p) for p in paths.values()):
+        print(f"training the quickstart's models into {checkpoints} (examples/quickstart.py)", flush=True)
+        sys.path.insert(0, os.path.join(REPO, "examples"))
+        import quickstart
+
+        quickstart.main(["--out", checkpoints, "--quiet"])
+    models = {}
+    for name, path in paths.items():
+        net = AVDigitsNet(feature_dim=64, num_classes=splits.num_classes)
+        net.load_state_dict(torch.load(path, map_location="cpu"))
+        models[name] = net.eval()
+    return models
+
+
+def correct(model: nn.Module, inputs: Mapping[str, Tensor], y: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(dict(inputs)).argmax(1) == y
+
+
+def check_budget(adv: Mapping[str, Tensor], x: Mapping[str, Tensor], eps: float, bounds) -> None:
+    size = sum((adv[n].double() - x[n].double()).flatten(1).pow(2).sum(1) for n in NAMES).sqrt()
+    assert bool((size <= eps * (1 + 1e-5)).all()), f"budget exceeded: {size.max().item()} > {eps}"
+    for n, (lo, hi) in bounds.items():
+        assert adv[n].min() >= lo - 1e-6 and adv[n].max() <= hi + 1e-6, f"{n} left its valid range"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", default=os.path.join("runs", "quickstart"))
+    p.add_argument("--n", type=int, default=300, help="first N test pairs")
+    p.add_argument("--radii", type=float, nargs="+", default=[1.0, 2.0])
+    p.add_argument("--square-queries", type=int, default=2000)
+    p.add_argument("--skip-torchattacks", action="store_true")
+    p.add_argument("--models", nargs="+", default=["JT", "CRMT-JT"], help="which of JT, CRMT-JT")
+    args = p.parse_args(argv)
+    started = time.time()
+    splits = load_av_digits(seed=0)
+    models = load_models(args.checkpoints, splits)
+    items = [splits.test[i] for i in range(args.n)]
+    x = {n: torch.stack([it[0][n] for it in items]) for n in NAMES}
+    y = torch.tensor([int(it[1]) for it in items])
+    bounds = {n: b for n, b in splits.bounds.items() if math.isfinite(b[0]) or math.isfinite(b[1])}
+    shapes = {n: tuple(x[n].shape[1:]) for n in NAMES}
+    side = math.ceil(math.sqrt(sum(math.prod(s) for s in shapes.values())))
+
+    ours: Dict[str, Callable[[float], Callable]] = {
+        "our PGD-10 (fast_attack)": lambda r: fast_attack(r, bounds=bounds,
+                                                          generator=torch.Generator().manual_seed(0)),
+        "our PGD 100 steps x 3": lambda r: PGD(r, steps=100, restarts=3, bounds=bounds,
+                                               generator=torch.Generator().manual_seed(0)),
+        "our strong_attack": lambda r: strong_attack(r, bounds=bounds, generator=torch.Generator().manual_seed(0)),
+        f"our Square ({args.square_queries} queries)": lambda r: Square(
+            r, queries=args.square_queries, bounds=bounds, generator=torch.Generator().manual_seed(0)),
+    }
+    theirs = {}
+    if not args.skip_torchattacks:
+        import torchattacks
+
+        theirs = {
+            "APGD-CE": lambda m, e: torchattacks.APGD(m, norm="L2", eps=e, steps=100, loss="ce", seed=0),
+            "APGD-DLR": lambda m, e: torchattacks.APGD(m, norm="L2", eps=e, steps=100, loss="dlr", seed=0),
+            f"Square ({args.square_queries} queries)": lambda m, e: torchattacks.Square(
+                m, norm="L2", eps=e, n_queries=args.square_queries, n_restarts=1, seed=0),
+        }
+    columns = list(ours) + [f"torchattacks {k}" for k in theirs] + ["worst of torchattacks", "worst of all"]
+    table: List[List[str]] = []
+    seconds: Dict[str, float] = {c: 0.0 for c in columns}
+    for model_name, model in models.items():
+        if model_name not in args.models:
+            continue
+        clean = correct(model, x, y)
+        for r in args.radii:
+            results: Dict[str, Tensor] = {}
+            for label, make in ours.items():
+                t0 = time.time()
+                adv = make(r)(model, x, y)
+                seconds[label] += time.time() - t0
+                check_budget(adv, x, r, bounds)
+                results[label] = correct(model, adv, y) & clean
+            flat = torch.cat([x[n].reshape(len(y), -1) for n in NAMES], dim=1)
+            lo, hi = float(flat.min()) - r, float(flat.max()) + r
+            packed = Packed(model, shapes, lo, hi - lo, bounds, side).eval()
+            z = packed.pack(x)
+            for label, make in theirs.items():
+                t0 = time.time()
+                torch.manual_seed(0)
+                z_adv = make(packed, r / (hi - lo))(z, y)
+                seconds[f"torchattacks {label}"] += time.time() - t0
+                adv = packed.unpack(z_adv)
+                check_budget(adv, x, r, bounds)
+                results[f"torchattacks {label}"] = correct(model, adv, y) & clean
+            ta = [v for k, v in results.items() if k.startswith("torchattacks")]
+            if ta:
+                results["worst of torchattacks"] = torch.stack(ta).all(0)
+            results["worst of all"] = torch.stack(list(results.values())).all(0)
+            row = [f"{model_name}, r = {r:g}", f"{100 * clean.double().mean():.1f}"]
+            row += [f"{100 * results[c].double().mean():.1f}" if c in results else "-" for c in columns]
+            if ta:
+                worst_ta = results["worst of torchattacks"].double().mean()
+                gap = 100 * (results["our strong_attack"].double().mean() - worst_ta)
+                row.append(f"{gap:+.1f}")
+            table.append(row)
+            print(" | ".join(row), flush=True)
+    header = ["model, radius", "clean"] + columns + (["strong - worst(torchattacks)"] if theirs else [])
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|")
+    for row in table:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print("seconds per attack (all models and radii): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if v))
+    print(f"wall time {time.time() - started:.0f} s (torch threads: {torch.get_num_threads()})")
+
+
+if __name__ == "__main__":
+    main()
