@@ -102,7 +102,7 @@ def main() -> None:
         p.add_argument("--batch", type=int, default=64)
         p.add_argument("--steps", type=int, default=3, help="PGD steps per training step")
         p.add_argument("--eps", type=float, default=0.1)
-        p.add_argument("--cases", default="av", help="comma list of av, synthetic")
+        p.add_argument("--cases", default="av,synthetic", help="comma list of av, synthetic, synthetic309")
         p.add_argument("--against", default="", metavar="REV", help="also time the head.py of git revision REV")
         p.add_argument("--retraction", action="store_true", help="also time the retraction prototype")
 
@@ -114,8 +114,12 @@ def main() -> None:
         torch.manual_seed(0)
         if case == "av":
             label, built = "AVDigitsNet (K=10, d=64+64)", av_model()
-        else:
+        elif case == "synthetic":
             label, built = "2x MLP 1024-1024-512 (K=31, d=512+512)", synthetic_model(1024, 1024)
+        elif case == "synthetic309":
+            label, built = "2x MLP 1024-1024-512 (K=309, d=512+512)", synthetic_model(1024, 1024, num_classes=309)
+        else:
+            raise SystemExit(f"unknown case {case!r}: av, synthetic, synthetic309")
         model, modalities, make_inputs, num_classes = built
         inputs, y = make_inputs(args.batch), torch.randint(0, num_classes, (args.batch,))
         fns = candidates(model, modalities, inputs, y, args)

@@ -8,6 +8,8 @@ A step is: zero_grad(set_to_none) -> forward -> loss -> backward -> SGD(momentum
 The JT and CRMT models are deep copies of one model (CRMT wraps its copy, converting the trained
 linear head), fed the same batch. Timing: warm-up rounds, then interleaved rounds (JT, CRMT, CRMT,
 JT, ...); the ratio is the median over rounds of CRMT/JT within the same round.
+``--against REV`` adds CRMT with the head.py of revision REV (the rest from the working tree);
+``--retraction`` adds the retraction prototype of benchmarks/_common.py (not gradient-identical).
 Memory: peak of torch CPU allocations during one step (profiler allocation events, see
 benchmarks/_common.py), and the bytes autograd saves for backward.
 """
@@ -88,11 +90,10 @@ def steps(model: nn.Module, modalities, inputs, y, against: str = "", retraction
     extra = {}
     if against:
         old = wrap_at_revision(copy.deepcopy(model), modalities, against).train()
-        old_loss = C.load_revision(against, "loss").crmt_loss
         opt_old = torch.optim.SGD(old.parameters(), lr=1e-3, momentum=0.9)
 
-        def old_forward():
-            return old_loss(old(inputs), y, rho=2.0)
+        def old_forward():  # the head of REV, everything else (loss, wrapper) as in the working tree
+            return crmt_loss(old(inputs), y, rho=2.0)
 
         extra = {"old": (opt_old, old_forward)}
 
@@ -171,7 +172,7 @@ def main() -> None:
         p.add_argument("--hidden", type=int, default=1024, help="synthetic MLP hidden width")
         p.add_argument("--cases", default="av,synthetic", help="comma list of av, synthetic, sweep")
         p.add_argument("--against", default="", metavar="REV",
-                       help="also time CRMT with head.py/loss.py of git revision REV (before/after)")
+                       help="also time CRMT with the head.py of git revision REV (before/after)")
         p.add_argument("--retraction", action="store_true",
                        help="also time the retraction prototype (V kept orthonormal, no QR in the forward)")
 
@@ -195,7 +196,7 @@ def main() -> None:
         rows,
     ))
     if AGAINST:
-        print(f"\nBefore/after: head.py + loss.py of {args.against} vs the working tree (same run, interleaved)\n")
+        print(f"\nBefore/after: head.py of {args.against} vs the working tree (same run, interleaved)\n")
         print(C.table(["model", "B", f"CRMT@{args.against} ms", "CRMT now ms", "overhead before ms",
                        "overhead now ms", "ratio before", "ratio now", "now/before"], AGAINST))
     if RETRACTION:

@@ -7,7 +7,8 @@ tables. Backs the explanations in docs/benchmarks.md of the targets that are not
 1. Training step of the synthetic model (2x MLP 1024-1024-512, K = 31, B = 64), built up piece by
    piece: JT; CRMT head inside the model with plain CE; + CRMTWrapper; + crmt_loss (raw margin);
    + crmt_loss (relative margin, the default).
-2. The head alone (features given), K = 31 and 309, d = 512: nn.Linear + CE; the CRMT head; the
+2. The head alone (features given), K = 31 and 309, d = 512: nn.Linear + CE; the CRMT head (W~ cache
+   cleared each call, as after an optimiser step); the CRMT head at fixed parameters (cache hit); the
    CRMT head with W~ precomputed (no QR); the QR map alone (forward + backward; forward only).
 3. torch.profiler, top operators by self CPU time: CRMT head forward + backward at K = 31 and 309.
 """
@@ -79,7 +80,12 @@ def head_breakdown(args, num_classes: int) -> None:
     def jt():
         F.cross_entropy(linear(torch.cat(features, 1)), y).backward()
 
-    def crmt_head():
+    def crmt_head():  # a training step: the parameters changed since the last call, the W~ cache misses
+        head.clear_cache()
+        F.cross_entropy(head(torch.cat(features, 1)), y).backward()
+        head.pop_last()
+
+    def crmt_head_cached():  # an extra pass at fixed parameters (attack / evaluation): the cache hits
         F.cross_entropy(head(torch.cat(features, 1)), y).backward()
         head.pop_last()
 
@@ -98,7 +104,8 @@ def head_breakdown(args, num_classes: int) -> None:
             for v in directions:
                 orthonormalize_rows(v)
 
-    candidates = {"nn.Linear + CE": jt, "CRMT head + CE": crmt_head, "CRMT head, W~ given (no QR)": without_qr,
+    candidates = {"nn.Linear + CE": jt, "CRMT head + CE": crmt_head, "CRMT head + CE, W~ cached": crmt_head_cached,
+                  "CRMT head, W~ given (no QR)": without_qr,
                   "QR map fwd+bwd (2 modalities)": qr_both, "QR map fwd (2 modalities)": qr_forward}
     s = C.interleaved(candidates, repeats=args.repeats if num_classes < 200 else max(3, args.repeats // 4),
                       warmup=args.warmup, inner=10 if num_classes < 200 else 1)
@@ -114,6 +121,7 @@ def profiler_table(num_classes: int, rows: int) -> None:
     x, y = torch.randn(64, 1024), torch.randint(0, num_classes, (64,))
 
     def run():
+        head.clear_cache()  # as in a training step: W~ is computed once per call
         F.cross_entropy(head(x), y).backward()
         head.pop_last()
         head.zero_grad(set_to_none=True)

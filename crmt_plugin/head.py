@@ -361,7 +361,7 @@ class CRMTHead(nn.Module):
             >>> _ = head.directions["audio"].data.mul_(2.0)        # not seen: clear the cache
             >>> head.clear_cache()
         """
-        self._factors = {}
+        self._factors.clear()
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
