@@ -110,7 +110,8 @@ step(f"one training step: loss {loss.item():.4f}, {len(changed)} parameter tenso
 
 lip = crmt.estimate_lipschitz(batches)
 check(not lip.sound, "empirical Lipschitz constants must say sound=False")
-step(f"estimate_lipschitz: {lip.source}, sound={lip.sound}, values {[[round(v, 3) for v in r] for r in lip.values.tolist()]}")
+values = [[round(v, 3) for v in row] for row in lip.values.tolist()]
+step(f"estimate_lipschitz: {lip.source}, sound={lip.sound}, values {values}")
 result = crmt.fit_integration(batches, lipschitz=lip, epochs=2)
 step(f"fit_integration: {type(result).__name__}")
 cert = crmt.certify(inputs, y, lipschitz=lip)
