@@ -87,8 +87,9 @@ class IntegrationResult:
             ``val_*`` are None without a validation loader.
         objective_history / accuracy_history: objective and accuracy on the selection split after
             each epoch.
-        rejected_epochs: epochs whose a was refused because accuracy on the selection split fell by
-            more than ``accuracy_tolerance``.
+        rejected_epochs: epochs whose a was refused because accuracy on the selection split (or,
+            with ``protect_missing``, its accuracy with a modality missing) fell by more than
+            ``accuracy_tolerance``.
         stopped_early: True when ``patience`` consecutive epochs were refused and step 2 stopped.
         accuracy_tolerance: the tolerance used.
     """
@@ -244,6 +245,7 @@ def fit_integration(
     val_loader: Optional[Iterable] = None,
     objective: Union[str, Callable[[Dict[str, Tensor]], Tensor]] = DEFAULT_OBJECTIVE,
     accuracy_tolerance: float = DEFAULT_ACCURACY_TOLERANCE,
+    protect_missing: bool = True,
     patience: Optional[int] = DEFAULT_PATIENCE,
     epochs: int = 20,
     lr: float = 1e-2,
@@ -261,7 +263,8 @@ def fit_integration(
     (on ``loader``'s without one), and the a kept is the one with the best objective there among
     those whose clean accuracy there is at least the initial accuracy minus ``accuracy_tolerance``
     (the initial a always qualifies, so step 2 never lowers that accuracy by more than the
-    tolerance). Refused epochs are reported through ``warnings.warn``; after ``patience``
+    tolerance), and, with ``protect_missing``, whose accuracy with each modality missing is kept the
+    same way. Refused epochs are reported through ``warnings.warn``; after ``patience``
     consecutive refusals step 2 stops early (and says so).
 
     Args:
@@ -275,6 +278,8 @@ def fit_integration(
             ``f({"joint": (), "modality": (M,), "missing": (M,)}) -> scalar`` of the mean radii.
         accuracy_tolerance: largest accepted fall in clean accuracy on the selection split, as a
             fraction (0.005 = half a point); ``math.inf`` turns the constraint off.
+        protect_missing: apply the same tolerance to the accuracy with each modality missing
+            (default True; see ``missing_fill``).
         patience: consecutive refused epochs before stopping; ``None`` never stops early.
         epochs: passes over the cache (reference: about a third of step 1's epochs).
         lr: learning rate of the default optimizer, Adam on alpha (a = softplus(alpha)).
@@ -296,12 +301,14 @@ def fit_integration(
         result.val_after.accuracy >= result.val_before.accuracy - 0.005    # True
     """
     with no_autocast(crmt.head.bias.device):  # step 2 in float64 on the model's own logits, never bf16/fp16
-        return _fit_integration(crmt, loader, lipschitz, val_loader, objective, accuracy_tolerance, patience,
+        return _fit_integration(crmt, loader, lipschitz, val_loader, objective, accuracy_tolerance,
+                                protect_missing, patience,
                                 epochs, lr, batch_size, optimizer, denominator, missing_fill, generator,
                                 prepare_batch, progress)
 
 
-def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, patience, epochs, lr, batch_size,
+def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, protect_missing, patience, epochs,
+                     lr, batch_size,
                      optimizer, denominator, missing_fill, generator, prepare_batch, progress) -> IntegrationResult:
     if epochs < 0 or batch_size < 1:
         raise CRMTError(f"epochs must be >= 0 and batch_size >= 1, found epochs={epochs}, batch_size={batch_size}")
@@ -380,6 +387,13 @@ def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, 
     before = metrics(start, delta)
     sel_before = before[selected_on]
     floor = sel_before.accuracy - tolerance
+    missing_floor = {n: v - tolerance for n, v in sel_before.missing_accuracy.items()}
+
+    def refused(m: SplitMetrics) -> bool:
+        if m.accuracy < floor - 1e-12:
+            return True
+        return protect_missing and any(m.missing_accuracy[n] < missing_floor[n] - 1e-12 for n in names)
+
     best_value, best_epoch, best_alpha, best_metrics = sel_before.objective, 0, alpha.detach().clone(), before
     steps = int(all_reduce_max(torch.tensor(float(-(-z.shape[0] // batch_size)), device=z.device)))
     history: List[float] = []
@@ -417,7 +431,7 @@ def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, 
         sel = measured[selected_on]
         objective_history.append(sel.objective)
         accuracy_history.append(sel.accuracy)
-        if sel.accuracy < floor - 1e-12:
+        if refused(sel):
             rejected.append(epoch)
             consecutive += 1
             if patience is not None and consecutive >= patience and epoch < epochs:
@@ -436,7 +450,8 @@ def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, 
         ran = rejected[-1] if stopped_early else epochs
         warnings.warn(
             f"fit_integration: {len(rejected)} of {ran} epochs refused because clean accuracy on the {where} "
-            f"data would fall by more than accuracy_tolerance={tolerance:g} (from {sel_before.accuracy:.4f}; "
+            + ("data (or its accuracy with a modality missing) " if protect_missing else "data ")
+            + f"would fall by more than accuracy_tolerance={tolerance:g} (from {sel_before.accuracy:.4f}; "
             f"epochs {rejected})"
             + (f"; stopped early after {patience} consecutive refusals at epoch {ran}" if stopped_early else "")
             + f"; kept the a of epoch {best_epoch}" + (" (the initial a, unchanged)" if best_epoch == 0 else ""),

@@ -140,6 +140,21 @@ def test_reported_metrics_match_direct_computation():
         assert metrics.objective == pytest.approx(sum(math.log(v + delta) for v in parts) / len(parts), rel=1e-9)
 
 
+def test_missing_modality_accuracy_is_protected_too():
+    """Clean accuracy stays at 1 either way (tolerance 0.2); shrinking a^(q) hands the prediction
+    with p missing to p's fill (biased to class 0). protect_missing (the default) refuses that."""
+    fill = {"p": torch.tensor([2.0, 0.0, 0.0, 0.0], dtype=torch.float64), "q": torch.zeros(K, dtype=torch.float64)}
+    runs = {}
+    for protect in (False, True):
+        crmt, data = toy(n_a=20, n_b=10)
+        runs[protect], _ = fit(crmt, data, objective="mean_radius", accuracy_tolerance=0.2, missing_fill=fill,
+                               protect_missing=protect)
+    before = runs[True].train_before.missing_accuracy["p"]
+    assert runs[False].train_after.missing_accuracy["p"] < before - 0.2
+    assert runs[True].train_after.missing_accuracy["p"] >= before - 0.2
+    assert runs[True].mean_radius_after > runs[True].mean_radius_before
+
+
 def test_default_missing_fill_is_the_mean_logit():
     crmt, data = toy()
     result, _ = fit(crmt, data, epochs=0)

@@ -43,8 +43,13 @@ def make_model(name: str, splits):
     return MultiViewMLP(dims, feature_dim=32, hidden=64, num_classes=10)
 
 
-def tensors(ds):
-    return dict(ds.tensors), ds.targets
+def tensors(ds, limit=None):
+    if limit is None:
+        return dict(ds.tensors), ds.targets
+    return {k: v[:limit] for k, v in ds.tensors.items()}, ds.targets[:limit]
+
+
+TEST_LIMIT = {"av": 300}  # conv encoders on 2 shared cores: the first 300 test pairs
 
 
 def batches(inputs, y, batch_size, generator):
@@ -104,9 +109,9 @@ def unimodal_accuracy(crmt, inputs, y) -> Dict[str, float]:
     return {n: (out.unimodal[n].argmax(1) == y).double().mean().item() for n in crmt.modalities}
 
 
-def evaluate(model, splits, eps, crmt=None, steps=20, seed=0) -> Dict[str, float]:
+def evaluate(model, splits, eps, crmt=None, steps=20, seed=0, limit=None) -> Dict[str, float]:
     model.eval()
-    inputs, y = tensors(splits.test)
+    inputs, y = tensors(splits.test, limit)
     bounds = splits.bounds
     names = list(inputs)
     row = {"clean": accuracy(model, inputs, y)}
@@ -133,9 +138,10 @@ def evaluate(model, splits, eps, crmt=None, steps=20, seed=0) -> Dict[str, float
     return row
 
 
-def pick_radius(model, splits, grid=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0), target=0.45, steps=20):
+def pick_radius(model, splits, grid=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0), target=0.45, steps=20,
+                limit=None):
     """The l2 radius of ``grid`` at which the model's joint PGD accuracy is closest to ``target``."""
-    inputs, y = tensors(splits.test)
+    inputs, y = tensors(splits.test, limit)
     best = None
     for r in grid:
         acc = attack_accuracy(model, inputs, y, r, list(inputs), splits.bounds, steps)

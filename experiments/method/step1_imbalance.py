@@ -47,6 +47,14 @@ def term(out, y, *, margin="relative", temperature=10.0, where="all", target=Non
     elif where == "confidence":  # weight by the modality's own probability of the label
         p = torch.softmax(z.detach(), dim=2).gather(2, y.view(-1, 1, 1).expand(z.shape[0], z.shape[1], 1))
         d = d + p.clamp_min(1e-12).log()
+    if where in ("fused_conf", "fused_correct"):  # weight each sample by the fused model's own view of it
+        fused = out.logits.detach()
+        if where == "fused_conf":
+            w = torch.softmax(fused, dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+        else:
+            w = (fused.argmax(1) == y).to(fused.dtype)
+    else:
+        w = None
     if combine == "lse":
         per = torch.logsumexp(d.flatten(1), dim=1)
     else:  # mean over modalities of per-modality lse
@@ -57,6 +65,8 @@ def term(out, y, *, margin="relative", temperature=10.0, where="all", target=Non
         per = F.relu(per + target)  # hinge: stop once the smooth-min margin exceeds `target`
     if cap is not None:
         per = per.clamp_max(cap)  # ramp: no push where the margin is hopeless
+    if w is not None:
+        per = per * w
     return per.mean()
 
 
@@ -93,6 +103,17 @@ VARIANTS = {
     "perr5": make_loss(5.0, kind="perr"),
     "rel2_T3": make_loss(2.0, temperature=3.0),
     "rel2_hinge4": make_loss(2.0, target=-4.0),
+    "rel2_fconf": make_loss(2.0, where="fused_conf"),
+    "rel2_fcorrect": make_loss(2.0, where="fused_correct"),
+    "rel2_fconf_hinge2": make_loss(2.0, where="fused_conf", target=-2.0),
+    "rel1_fconf": make_loss(1.0, where="fused_conf"),
+    "rel1_hinge2": make_loss(1.0, target=-2.0),
+    "rel0.5_hinge2": make_loss(0.5, target=-2.0),
+    "rel2_hinge0": make_loss(2.0, target=0.0),
+    "perr1": make_loss(1.0, kind="perr"),
+    "perr1.5": make_loss(1.5, kind="perr"),
+    "lib_hinge0.5": library_loss(rho=0.5, penalty="hinge", margin_target=1.0),
+    "lib_sig1": library_loss(rho=1.0, penalty="sigmoid"),
     "lib": library_loss(),                                   # whatever crmt_loss's defaults are now
 }
 
@@ -118,13 +139,14 @@ def main():
             eps = json.loads(radius_file.read_text())["radius"]
         else:
             jt, _ = common.train(data, splits, None, seed=0, epochs=epochs)
-            eps = common.pick_radius(jt, splits, steps=args.steps)
+            eps = common.pick_radius(jt, splits, steps=args.steps, limit=common.TEST_LIMIT.get(data))
             radius_file.write_text(json.dumps({"radius": eps}))
         for variant in args.variants:
             for seed in args.seeds:
                 t0 = time.time()
                 model, crmt = common.train(data, splits, VARIANTS[variant], seed=seed, epochs=epochs)
-                row = common.evaluate(model, splits, eps, crmt=crmt, steps=args.steps, seed=seed)
+                row = common.evaluate(model, splits, eps, crmt=crmt, steps=args.steps, seed=seed,
+                                      limit=common.TEST_LIMIT.get(data))
                 row.update(data=data, variant=variant, seed=seed, eps=eps, seconds=round(time.time() - t0, 1))
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -24,10 +24,13 @@ import crmt_plugin
 
 CONFIGS = {
     "step1": None,  # no step 2
-    "paper": dict(objective="mean_radius", accuracy_tolerance=math.inf, val=False),  # unconstrained, on train
+    # unconstrained, on the training data: what step 2 did before (the paper's objective)
+    "paper": dict(objective="mean_radius", accuracy_tolerance=math.inf, val=False, protect_missing=False),
     "mean_radius": dict(objective="mean_radius", accuracy_tolerance=0.005, val=True),
     "balanced": dict(objective="balanced", accuracy_tolerance=0.005, val=True),
     "mix": dict(objective="mix", accuracy_tolerance=0.005, val=True),
+    "mean_radius_noprotect": dict(objective="mean_radius", accuracy_tolerance=0.005, val=True, protect_missing=False),
+    "balanced_noprotect": dict(objective="balanced", accuracy_tolerance=0.005, val=True, protect_missing=False),
     "balanced_tol0": dict(objective="balanced", accuracy_tolerance=0.0, val=True),
     "balanced_tol1": dict(objective="balanced", accuracy_tolerance=0.01, val=True),
     "balanced_noval": dict(objective="balanced", accuracy_tolerance=0.005, val=False),
@@ -44,6 +47,8 @@ def main():
     p.add_argument("--av-epochs", type=int, default=12)
     p.add_argument("--step2-epochs", type=int, default=20)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rho", type=float, default=None, help="step-1 rho (default: the library's)")
+    p.add_argument("--penalty", default=None, help="step-1 penalty (default: the library's)")
     p.add_argument("--out", default="experiments/method/results/step2.jsonl")
     args = p.parse_args()
     out = pathlib.Path(args.out)
@@ -55,8 +60,10 @@ def main():
         eps = json.loads((out.parent / f"radius_{data}.json").read_text())["radius"]
         train_b = [common.tensors(splits.train)]
         val_b = [common.tensors(splits.val)]
+        fill = {k: v.mean(0) for k, v in splits.train.tensors.items()}  # the evaluation's train-mean fill
         for seed in args.seeds:
-            model, crmt = common.train(data, splits, lambda o, y, t: crmt_plugin.crmt_loss(o, y), seed=seed,
+            kw = {k: v for k, v in (("rho", args.rho), ("penalty", args.penalty)) if v is not None}
+            model, crmt = common.train(data, splits, lambda o, y, t: crmt_plugin.crmt_loss(o, y, **kw), seed=seed,
                                        epochs=epochs)
             lip = crmt.estimate_lipschitz(train_b)
             state = {k: v.clone() for k, v in crmt.state_dict().items()}
@@ -71,12 +78,16 @@ def main():
                         res = crmt.fit_integration(train_b, lipschitz=lip, val_loader=val_b if cfg["val"] else None,
                                                    objective=cfg["objective"], epochs=args.step2_epochs,
                                                    accuracy_tolerance=cfg["accuracy_tolerance"],
+                                                   protect_missing=cfg.get("protect_missing", True),
+                                                   missing_fill=fill,
                                                    generator=torch.Generator().manual_seed(seed))
                     extra = dict(best_epoch=res.best_epoch, rejected=len(res.rejected_epochs),
                                  stopped_early=res.stopped_early, warned=len(caught),
                                  train_acc_before=res.accuracy_before, train_acc_after=res.accuracy_after)
-                row = common.evaluate(model, splits, eps, crmt=crmt, steps=args.steps, seed=seed)
-                row.update(extra, data=data, config=name, seed=seed, eps=eps, seconds=round(time.time() - t0, 1))
+                row = common.evaluate(model, splits, eps, crmt=crmt, steps=args.steps, seed=seed,
+                                      limit=common.TEST_LIMIT.get(data))
+                row.update(extra, data=data, config=name, step1=kw, seed=seed, eps=eps,
+                           seconds=round(time.time() - t0, 1))
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{data:8s} {name:16s} s{seed} clean {row['clean']:.3f} robust {row['robust_mean']:.3f} "
