@@ -148,10 +148,20 @@ except ImportError:  # pragma: no cover - very old torch
         return False
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
+
+
 def _cacheable(v: Tensor) -> bool:
     """The cache is for plain eager tensors: under torch.compile, functorch transforms or tensor
     subclasses the map is computed as written (the compiler and the transforms see the QR)."""
-    return type(v) in (nn.Parameter, Tensor) and not torch.compiler.is_compiling() and not _functorch_wrapped(v)
+    return type(v) in (nn.Parameter, Tensor) and not _is_compiling() and not _functorch_wrapped(v)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class CRMTHead(nn.Module):
@@ -303,7 +313,7 @@ class CRMTHead(nn.Module):
         factors = self._factors.get(name)
         grad = v.requires_grad and torch.is_grad_enabled()
         if factors is None or factors.key != key or factors.source() is not v:
-            if grad and orthonormal and not torch.is_autocast_enabled(v.device.type):
+            if grad and orthonormal and not _autocast_on(v.device.type):
                 # the first call after an update that needs the graph (a training forward): the QR
                 # under autograd, exactly as without the cache, and its factors kept for later calls
                 q, r = torch.linalg.qr(v.mT, mode="reduced")
@@ -327,7 +337,7 @@ class CRMTHead(nn.Module):
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():
                 stack.enter_context(torch.inference_mode(False))
-            if torch.is_autocast_enabled(v.device.type):
+            if _autocast_on(v.device.type):
                 stack.enter_context(no_autocast(v.device))
             if orthonormal:
                 q, r = torch.linalg.qr(v.mT, mode="reduced")
