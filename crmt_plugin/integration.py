@@ -11,7 +11,7 @@ runs on those caches:
 Objectives (all computed from the caches; "r" is the joint certified radius of
 :mod:`crmt_plugin.certify`, 0 for misclassified samples; means over samples):
 
-* ``"mean_radius"`` — the paper's L2 = -mean_i r(x_i; a).
+* ``"mean_radius"`` (default) — the paper's L2 = -mean_i r(x_i; a).
 * ``"balanced"`` — the mean of the logs of 2M + 1 mean radii: the joint one, each modality's own
   r^(m) (that modality perturbed alone), and, for each modality m, the joint radius of the model
   with m missing (z^(m) replaced by its fill, see ``missing_fill``). A relative loss in any of them
@@ -44,7 +44,7 @@ from .lipschitz import LipschitzLike, as_lipschitz
 __all__ = ["fit_integration", "cache_unimodal_logits", "IntegrationResult", "SplitMetrics", "OBJECTIVES"]
 
 OBJECTIVES = ("mean_radius", "balanced", "mix")
-DEFAULT_OBJECTIVE = "balanced"
+DEFAULT_OBJECTIVE = "mean_radius"
 DEFAULT_ACCURACY_TOLERANCE = 0.005
 DEFAULT_PATIENCE = 3
 
@@ -273,8 +273,8 @@ def fit_integration(
             through the encoders once.
         lipschitz: the constants the radius uses (see :meth:`CRMTWrapper.certify`).
         val_loader: batches for model selection (the validation split); cached once too.
-        objective: ``"balanced"`` (default: mean log of the joint, every per-modality and every
-            missing-modality mean radius), ``"mean_radius"`` (the paper), ``"mix"``, or a callable
+        objective: ``"mean_radius"`` (default; the paper's), ``"balanced"`` (mean log of the joint,
+            every per-modality and every missing-modality mean radius), ``"mix"``, or a callable
             ``f({"joint": (), "modality": (M,), "missing": (M,)}) -> scalar`` of the mean radii.
         accuracy_tolerance: largest accepted fall in clean accuracy on the selection split, as a
             fraction (0.005 = half a point); ``math.inf`` turns the constraint off.

@@ -1,6 +1,6 @@
 """The CRMT step-1 objective: cross-entropy on the fused logits plus a uni-modal margin regulariser.
 
-    L1 = CE(h(x), y) + rho * log sum_m sum_{k != y} exp( s^(m) (z_k^(m) - z_y^(m)) )
+    L1 = CE(h(x), y) + rho * penalty( s^(m) (z_k^(m) - z_y^(m)) over m and k != y )
 
 where z^(m) (B, K) are the uni-modal logits and s^(m) is a per-sample scale:
 
@@ -11,12 +11,27 @@ where z^(m) (B, K) are the uni-modal logits and s^(m) is a per-sample scale:
 * ``margin="raw"``: s^(m) = 1, the paper's formula exactly (unbounded below; pair it with weight
   decay).
 
+``penalty`` is what is done with the scaled negative margins d_k^(m) = s^(m) (z_k^(m) - z_y^(m)):
+
+* ``"hinge"`` (default for the relative margin): max(0, LSE - log(n) + margin_target), with
+  LSE = log sum_{m, k != y} exp(d_k^(m)) and n = M (K - 1) terms. It stops pushing a sample once its
+  smooth-min margin log(n) - LSE (between the smallest and the mean scaled margin) reaches the target
+  (default 1.0, i.e. a cosine gap of 0.1 at temperature 10). Without the stop, the term keeps
+  pushing every margin forever, and where a modality is weak it trades the fused model's fit for
+  uni-modal margins (docs/method.md, "Step 1 on imbalanced data").
+* ``"logsumexp"``: LSE itself, the paper's smooth max (the default with ``margin="raw"``: the
+  paper's formula exactly). Never stops pushing.
+* ``"sigmoid"``: sum_m sigmoid( log sum_{k != y} exp(d_k^(m)) ) = sum_m (1 - softmax(s^(m) z^(m))_y),
+  each modality's own probability of error: bounded, it stops pushing both where a margin is reached
+  and where a modality cannot be right (it can then give up on a weak modality altogether).
+
 Everything is computed with ``logsumexp`` in at least float32, so logits of any size (and bf16/fp16
 autocast) never overflow.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -30,6 +45,23 @@ __all__ = ["crmt_loss", "margin_loss"]
 
 MarginKind = str  # "relative" | "raw"
 DEFAULT_TEMPERATURE = 10.0
+DEFAULT_RHO = 0.5
+DEFAULT_MARGIN_TARGET = 1.0  # the hinge's target smooth-min margin (relative units)
+PENALTIES = ("logsumexp", "hinge", "sigmoid")
+DEFAULT_PENALTY = "hinge"  # for margin="relative"; margin="raw" uses "logsumexp" (the paper) by default
+
+
+def _resolve_penalty(penalty: str, margin: MarginKind, margin_target) -> Tuple[str, Optional[float]]:
+    if penalty == "auto":
+        penalty = DEFAULT_PENALTY if margin == "relative" else "logsumexp"
+    if penalty not in PENALTIES:
+        raise CRMTError(f"penalty must be 'auto' or one of {PENALTIES}, found {penalty!r}")
+    if penalty != "hinge":
+        return penalty, None
+    number = isinstance(margin_target, (int, float)) and not isinstance(margin_target, bool)
+    if not number or not math.isfinite(margin_target):
+        raise CRMTError(f"margin_target must be a finite number (the hinge's target margin), found {margin_target!r}")
+    return penalty, float(margin_target)
 
 
 def _stacked_unimodal(out, margin: MarginKind, temperature: float) -> Tensor:
@@ -89,12 +121,16 @@ def margin_loss(
     lam: Union[float, Tensor, None] = None,
     margin: MarginKind = "relative",
     temperature: float = DEFAULT_TEMPERATURE,
+    penalty: str = "auto",
+    margin_target: float = DEFAULT_MARGIN_TARGET,
     reduction: str = "mean",
 ) -> Tensor:
-    """The margin regulariser alone: a smooth max, over modalities and wrong classes, of the negative
-    uni-modal margins.
+    """The margin regulariser alone, a penalty on the negative uni-modal margins
+    d_k^(m) = s^(m) (z_k^(m) - z_y^(m)) over every modality and wrong class:
 
-        margin_loss = log sum_m sum_{k != y} exp( s^(m) (z_k^(m) - z_y^(m)) )
+        "sigmoid":   sum_m sigmoid( log sum_{k != y} exp d_k^(m) )  =  sum_m (1 - softmax(s z^(m))_y)
+        "logsumexp": log sum_m sum_{k != y} exp d_k^(m)                 (the paper; margin="raw")
+        "hinge":     max(0, logsumexp - log(M (K - 1)) + margin_target)
 
     With mixup (``y_b`` and ``lam``), the target score is lam z_y + (1 - lam) z_{y_b} and both
     labels are excluded from the sum. A sample with no class left (K = 2 mixing two classes)
@@ -105,12 +141,15 @@ def margin_loss(
         y: (B,) labels; ``y_b`` (B,) second labels and ``lam`` (float or (B,)) for mixup.
         margin: ``"relative"`` (scale-free, default) or ``"raw"`` (the paper's formula).
         temperature: scale of the relative margins (ignored for ``"raw"``).
+        penalty: ``"auto"`` (default: ``"hinge"`` for ``"relative"``, ``"logsumexp"`` for
+            ``"raw"``), ``"hinge"``, ``"logsumexp"`` or ``"sigmoid"`` (see the module docs).
+        margin_target: the hinge's target smooth-min margin, in scaled units (``"hinge"`` only).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` ((B,)).
 
     Example::
 
-        >>> out = crmt(inputs)
-        >>> margin_loss(out, y)                # scalar
+        out = crmt(inputs)
+        margin_loss(out, y)                    # scalar
     """
     if (y_b is None) != (lam is None):
         raise CRMTError("mixup needs both y_b and lam (or neither)")
@@ -119,11 +158,14 @@ def margin_loss(
     check_labels(y, batch, num_classes)
     if y_b is not None:
         check_labels(y_b, batch, num_classes, "y_b")
-    return _reduce(_margin_per_sample(z, y, y_b, lam), reduction)
+    kind, target = _resolve_penalty(penalty, margin, margin_target)
+    return _reduce(_margin_per_sample(z, y, y_b, lam, kind, target), reduction)
 
 
-def _margin_per_sample(z: Tensor, y: Tensor, y_b: Optional[Tensor], lam) -> Tensor:
-    """(B,) log sum_m sum_{k excluded} exp(z_k^(m) - target^(m)); labels already checked.
+def _margin_per_sample(z: Tensor, y: Tensor, y_b: Optional[Tensor], lam, penalty: str = "logsumexp",
+                       target: Optional[float] = None) -> Tensor:
+    """(B,) penalty of the scaled differences z_k^(m) - z_target^(m) over the non-label classes (see
+    :func:`margin_loss`); labels already checked.
 
     The label columns are excluded by overwriting them with the dtype's lowest finite value (one
     ``scatter``, no (B, K) mask is built); a finite floor keeps logsumexp's gradient finite.
@@ -136,9 +178,18 @@ def _margin_per_sample(z: Tensor, y: Tensor, y_b: Optional[Tensor], lam) -> Tens
     else:
         lam_t = _mix_weight(lam, batch, z).view(batch, 1, 1)
         index_b = y_b.view(batch, 1, 1).expand(batch, num_modalities, 1)
-        target = lam_t * z.gather(2, index) + (1 - lam_t) * z.gather(2, index_b)
-        diff = (z - target).scatter(2, index, floor).scatter(2, index_b, floor)
-    per_sample = torch.logsumexp(diff.flatten(1), dim=1)
+        mixed = lam_t * z.gather(2, index) + (1 - lam_t) * z.gather(2, index_b)
+        diff = (z - mixed).scatter(2, index, floor).scatter(2, index_b, floor)
+    if penalty == "sigmoid":  # per modality; a modality with no class left gives sigmoid(-huge) = 0
+        per_sample = torch.sigmoid(torch.logsumexp(diff, dim=2)).sum(dim=1)
+    else:
+        per_sample = torch.logsumexp(diff.flatten(1), dim=1)
+    if penalty == "hinge":
+        # n = number of terms in the sum: M (K - 1), or M (K - 2) for mixup with two labels
+        left = num_classes - 1 if y_b is None else num_classes - 1 - (y != y_b).to(z.dtype)
+        count = (num_modalities * left).clamp_min(1) if torch.is_tensor(left) else max(num_modalities * left, 1)
+        log_count = torch.log(torch.as_tensor(count, dtype=z.dtype, device=z.device))
+        per_sample = torch.relu(per_sample - log_count + target)
     # A sample with no class left (K = 1, or K = 2 mixing both classes) contributes 0; for K > 2
     # (K = 2 without mixup) a class is always left, and no check is needed.
     if num_classes == 1:
@@ -151,26 +202,31 @@ def _margin_per_sample(z: Tensor, y: Tensor, y_b: Optional[Tensor], lam) -> Tens
 def crmt_loss(
     out,
     y: Tensor,
-    rho: float = 2.0,
+    rho: float = DEFAULT_RHO,
     *,
     y_b: Optional[Tensor] = None,
     lam: Union[float, Tensor, None] = None,
     margin: MarginKind = "relative",
     temperature: float = DEFAULT_TEMPERATURE,
+    penalty: str = "auto",
+    margin_target: float = DEFAULT_MARGIN_TARGET,
     base_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     reduction: str = "mean",
     return_terms: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
     """CRMT step-1 loss: ``base_loss(h, y) + rho * margin_loss(out, y)``.
 
-        L1 = CE(h(x), y) + rho * log sum_m sum_{k != y} exp( s^(m) (z_k^(m) - z_y^(m)) )
+        L1 = CE(h(x), y) + rho * max(0, LSE - log(M (K - 1)) + target)      (default: relative, hinge)
+        L1 = CE(h(x), y) + rho * log sum_m sum_{k != y} exp( z_k^(m) - z_y^(m) )   (margin="raw": the paper)
 
     Mixup: pass ``y_b`` and ``lam``; the base loss becomes lam CE(h, y) + (1 - lam) CE(h, y_b).
 
     Args:
         out: a :class:`~crmt_plugin.CRMTOutput`; ``out.logits`` (B, K) are the fused logits.
         y: (B,) integer labels.
-        rho: weight of the margin term, >= 0 (reference: 2.0).
+        rho: weight of the margin term, >= 0 (default 0.5, chosen on imbalanced data; the paper: 2.0
+            with ``margin="raw"``).
+        margin, temperature, penalty, margin_target: see :func:`margin_loss`.
         base_loss: per-sample or reduced loss on the fused logits, ``f(logits, y)``; default
             cross-entropy. Use it to put CRMT on top of any objective.
         return_terms: also return ``{"base": ..., "margin": ..., "total": ...}`` (detached, for
@@ -181,9 +237,10 @@ def crmt_loss(
 
     Example::
 
-        >>> out = crmt(inputs)
-        >>> loss = crmt_plugin.crmt_loss(out, y, rho=2.0)
-        >>> loss, terms = crmt_plugin.crmt_loss(out, y, return_terms=True)   # terms["margin"]
+        out = crmt(inputs)
+        loss = crmt_plugin.crmt_loss(out, y)                                 # the defaults
+        loss = crmt_plugin.crmt_loss(out, y, rho=2.0, margin="raw")          # the paper's formula
+        loss, terms = crmt_plugin.crmt_loss(out, y, return_terms=True)       # terms["margin"]
     """
     if not isinstance(rho, (int, float)) or rho < 0:
         raise CRMTError(f"rho must be a number >= 0, found {rho!r}")
@@ -210,7 +267,8 @@ def crmt_loss(
                 f"uni-modal logits have shape {tuple(z.shape[:1]) + tuple(z.shape[2:])} per modality, the "
                 f"fused logits {tuple(logits.shape)}"
             )
-        margin_term = _reduce(_margin_per_sample(z, y, y_b, lam), reduction)
+        kind, target = _resolve_penalty(penalty, margin, margin_target)
+        margin_term = _reduce(_margin_per_sample(z, y, y_b, lam, kind, target), reduction)
 
     ce_logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 

@@ -57,8 +57,79 @@ def test_relative_margin_matches_naive_formula(batch, num_classes, seed, tempera
     out, y = make_output(batch, 3, num_classes, seed=seed)
     scales = [temperature / out.features[n].norm(dim=1) for n in out.unimodal]
     expected = naive_margin(out, y, scales)
-    got = margin_loss(out, y, temperature=temperature, reduction="none")
+    got = margin_loss(out, y, temperature=temperature, penalty="logsumexp", reduction="none")
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@given(batch=st.integers(1, 5), num_modalities=st.integers(2, 3), num_classes=st.integers(2, 6),
+       seed=st.integers(0, 1000), target=st.floats(-3, 3), temperature=st.floats(0.5, 20))
+def test_hinged_margin_matches_naive_formula(batch, num_modalities, num_classes, seed, target, temperature):
+    """penalty="hinge": max(0, LSE - log(M (K - 1)) + target) on the relative margins."""
+    out, y = make_output(batch, num_modalities, num_classes, seed=seed)
+    scales = [temperature / out.features[n].norm(dim=1) for n in out.unimodal]
+    lse = naive_margin(out, y, scales)
+    expected = (lse - math.log(num_modalities * (num_classes - 1)) + target).clamp_min(0)
+    got = margin_loss(out, y, temperature=temperature, penalty="hinge", margin_target=target, reduction="none")
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@given(batch=st.integers(1, 5), num_modalities=st.integers(2, 3), num_classes=st.integers(2, 6),
+       seed=st.integers(0, 1000), temperature=st.floats(0.5, 20))
+def test_sigmoid_penalty_is_each_modalitys_probability_of_error(batch, num_modalities, num_classes, seed,
+                                                                temperature):
+    """penalty="sigmoid": sum_m (1 - softmax(T z^(m) / ||phi^(m)||)_y)."""
+    out, y = make_output(batch, num_modalities, num_classes, seed=seed)
+    expected = 0
+    for n, z in out.unimodal.items():
+        p = torch.softmax(z * (temperature / out.features[n].norm(dim=1, keepdim=True)), dim=1)
+        expected = expected + 1 - p.gather(1, y[:, None]).squeeze(1)
+    got = margin_loss(out, y, temperature=temperature, penalty="sigmoid", reduction="none")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_defaults_are_the_documented_ones_and_raw_stays_the_paper():
+    out, y = make_output(8, 2, 5, seed=4)
+    default = crmt_plugin.loss.DEFAULT_PENALTY
+    torch.testing.assert_close(margin_loss(out, y), margin_loss(out, y, margin="relative", penalty=default))
+    torch.testing.assert_close(margin_loss(out, y, margin="raw"),
+                               naive_margin(out, y).float().mean(), rtol=1e-5, atol=1e-5)
+    total, terms = crmt_loss(out, y, return_terms=True)
+    assert terms["margin"] == margin_loss(out, y)
+    assert total == pytest.approx(float(terms["base"] + crmt_plugin.loss.DEFAULT_RHO * terms["margin"]), rel=1e-6)
+
+
+def test_sigmoid_penalty_pushes_neither_reached_nor_hopeless_margins():
+    """Its gradient vanishes where a modality is right by far and where it is wrong by far; the
+    paper's logsumexp pushes every sample with the same strength, reached or hopeless."""
+    z = torch.tensor([[30.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-30.0, 0.0, 0.0]], requires_grad=True)
+    features = torch.eye(3) * 10.0  # ||phi|| = 10 = T: relative margins equal the raw ones
+    out = CRMTOutput(z.detach(), {"a": z, "b": z.detach()}, {"a": features, "b": features})
+    y = torch.zeros(3, dtype=torch.long)
+    grads = {}
+    for penalty in ("sigmoid", "logsumexp"):
+        z.grad = None
+        margin_loss(out, y, penalty=penalty, reduction="sum").backward()
+        grads[penalty] = z.grad.abs().sum(1)
+    assert grads["sigmoid"][1] > 0.1
+    assert grads["sigmoid"][0] < 1e-9 and grads["sigmoid"][2] < 1e-9
+    torch.testing.assert_close(grads["logsumexp"], torch.ones(3))
+
+
+def test_hinge_stops_pushing_satisfied_samples():
+    """A sample whose every relative margin is large contributes 0 and no gradient; one that is not
+    still gets the full smooth-max gradient."""
+    out, y = make_output(4, 2, 5, seed=5)
+    for n, z in out.unimodal.items():
+        z.requires_grad_(True)
+        with torch.no_grad():  # sample 0, 1: the label's logit far above the others (relative margin ~ T)
+            z[:2] = -out.features[n][:2].norm(dim=1, keepdim=True)
+            z[:2].scatter_(1, y[:2, None], out.features[n][:2].norm(dim=1, keepdim=True))
+    per = margin_loss(out, y, penalty="hinge", margin_target=1.0, reduction="none")
+    assert torch.equal(per[:2], torch.zeros(2)) and (per[2:] > 0).all()
+    per.sum().backward()
+    for z in out.unimodal.values():
+        assert torch.equal(z.grad[:2], torch.zeros_like(z.grad[:2]))
+        assert z.grad[2:].abs().sum() > 0
 
 
 def test_relative_margin_is_scale_free():
@@ -135,8 +206,9 @@ def test_mixup_with_two_classes_and_distinct_labels_has_zero_margin_and_finite_g
     out, _ = make_output(4, 2, 2, seed=0)
     z = out.unimodal["m0"].requires_grad_(True)
     y_a, y_b = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 0, 1, 1])
-    per = margin_loss(out, y_a, y_b=y_b, lam=0.3, reduction="none")
-    assert torch.equal(per[:3], torch.zeros(3))
+    for penalty in ("logsumexp", "hinge", "sigmoid"):
+        per = margin_loss(out, y_a, y_b=y_b, lam=0.3, penalty=penalty, reduction="none")
+        assert torch.equal(per[:3], torch.zeros(3))
     per.sum().backward()
     assert torch.isfinite(z.grad).all()
 
@@ -148,7 +220,8 @@ def test_terms_reduction_and_custom_base_loss():
     per = crmt_loss(out, y, rho=2.0, reduction="none")
     assert per.shape == (6,)
     torch.testing.assert_close(per.mean(), total)
-    hinge = lambda logits, labels: torch.nn.functional.multi_margin_loss(logits, labels, reduction="none")
+    def hinge(logits, labels):
+        return torch.nn.functional.multi_margin_loss(logits, labels, reduction="none")
     custom = crmt_loss(out, y, rho=0.0, base_loss=hinge)
     torch.testing.assert_close(custom, hinge(out.logits, y).mean())
 
@@ -164,6 +237,10 @@ def test_terms_reduction_and_custom_base_loss():
         ({"y_b": torch.zeros(6, dtype=torch.long)}, "lam"),
         ({"reduction": "max"}, "reduction"),
         ({"margin": "cosine"}, "margin"),
+        ({"penalty": "square"}, "penalty"),
+        ({"penalty": "hinge", "margin_target": "high"}, "margin_target"),
+        ({"penalty": "hinge", "margin_target": float("nan")}, "margin_target"),
+        ({"penalty": "hinge", "margin_target": True}, "margin_target"),
     ],
 )
 def test_bad_arguments_raise_library_error(kwargs, message):
