@@ -16,7 +16,7 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, crmt=True)
     run = common.setup(args, "crmt-at")
     model = run.model
-    crmt = crmt_plugin.CRMTWrapper(model, head="fusion.fc", modalities=model.feature_dims)
+    crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     attack = run.train_attack()  # PGD, l2, eps=--train-eps, --train-steps steps, in eval mode
 
@@ -24,7 +24,7 @@ def main(argv=None):
         model.train()
         for inputs, y in run.batches():
             adversarial = attack(model, inputs, y)
-            loss = crmt_plugin.crmt_loss(crmt(adversarial), y, rho=args.rho, temperature=args.temperature)
+            loss = crmt_plugin.crmt_loss(crmt(adversarial), y, **common.crmt_kwargs(args))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -32,8 +32,7 @@ def main(argv=None):
         run.validate(model)
     run.restore_best(model)
     lipschitz = crmt.estimate_lipschitz(run.train_loader)
-    step2 = crmt.fit_integration(run.train_loader, lipschitz=lipschitz, epochs=args.integration_epochs,
-                                 lr=args.integration_lr)
+    step2 = crmt.fit_integration(run.train_loader, lipschitz=lipschitz, **common.step2_kwargs(args, run))
 
     return run.finish(model, crmt, lipschitz, step2=vars(step2))
 

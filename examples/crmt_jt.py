@@ -16,13 +16,13 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, crmt=True)
     run = common.setup(args, "crmt-jt")
     model = run.model
-    crmt = crmt_plugin.CRMTWrapper(model, head="fusion.fc", modalities=model.feature_dims)
+    crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     for epoch in run.epochs():
         model.train()
         for inputs, y in run.batches():
-            loss = crmt_plugin.crmt_loss(crmt(inputs), y, rho=args.rho, temperature=args.temperature)
+            loss = crmt_plugin.crmt_loss(crmt(inputs), y, **common.crmt_kwargs(args))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -30,8 +30,7 @@ def main(argv=None):
         run.validate(model)
     run.restore_best(model)
     lipschitz = crmt.estimate_lipschitz(run.train_loader)
-    step2 = crmt.fit_integration(run.train_loader, lipschitz=lipschitz, epochs=args.integration_epochs,
-                                 lr=args.integration_lr)
+    step2 = crmt.fit_integration(run.train_loader, lipschitz=lipschitz, **common.step2_kwargs(args, run))
 
     return run.finish(model, crmt, lipschitz, step2=vars(step2))
 

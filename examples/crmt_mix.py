@@ -16,7 +16,7 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, crmt=True)
     run = common.setup(args, "crmt-mix")
     model = run.model
-    crmt = crmt_plugin.CRMTWrapper(model, head="fusion.fc", modalities=model.feature_dims)
+    crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     beta = torch.distributions.Beta(args.alpha, args.alpha)
 
@@ -25,7 +25,7 @@ def main(argv=None):
         for inputs, y in run.batches():
             lam, other = float(beta.sample()), torch.randperm(y.shape[0], device=y.device)
             mixed = {name: lam * x + (1 - lam) * x[other] for name, x in inputs.items()}
-            loss = crmt_plugin.crmt_loss(crmt(mixed), y, rho=args.rho, temperature=args.temperature,
+            loss = crmt_plugin.crmt_loss(crmt(mixed), y, **common.crmt_kwargs(args),
                                          y_b=y[other], lam=lam)
             optimizer.zero_grad()
             loss.backward()
@@ -34,8 +34,7 @@ def main(argv=None):
         run.validate(model)
     run.restore_best(model)
     lipschitz = crmt.estimate_lipschitz(run.train_loader)
-    step2 = crmt.fit_integration(run.train_loader, lipschitz=lipschitz, epochs=args.integration_epochs,
-                                 lr=args.integration_lr)
+    step2 = crmt.fit_integration(run.train_loader, lipschitz=lipschitz, **common.step2_kwargs(args, run))
 
     return run.finish(model, crmt, lipschitz, step2=vars(step2))
 

@@ -1,4 +1,4 @@
-"""CRMT-TRADES: TRADES with the CRMT head, plus rho * the CRMT margin term, then step 2.
+"""CRMT-TRADES: TRADES with the CRMT head, plus rho * the CRMT margin term (on the adversarial outputs), then step 2.
 
     python examples/crmt_trades.py                 # AV digits (audio + image)
     python examples/crmt_trades.py --dataset mfeat # six views
@@ -23,7 +23,7 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, crmt=True)
     run = common.setup(args, "crmt-trades")
     model = run.model
-    crmt = crmt_plugin.CRMTWrapper(model, head="fusion.fc", modalities=model.feature_dims)
+    crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     attack = run.train_attack(loss=trades_kl_loss)  # PGD maximising the KL to the clean prediction
 
@@ -33,8 +33,8 @@ def main(argv=None):
             out = crmt(inputs)
             adversarial = attack(model, inputs, out.logits.detach())
             out_adversarial = crmt(adversarial)
-            loss = F.cross_entropy(out.logits, y) + args.beta * kl(out_adversarial.logits, out.logits)
-            loss = loss + args.rho * crmt_plugin.margin_loss(out_adversarial, y, temperature=args.temperature)
+            trades = lambda logits, y: F.cross_entropy(out.logits, y) + args.beta * kl(logits, out.logits)  # noqa: E731
+            loss = crmt_plugin.crmt_loss(out_adversarial, y, base_loss=trades, **common.crmt_kwargs(args))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -42,8 +42,7 @@ def main(argv=None):
         run.validate(model)
     run.restore_best(model)
     lipschitz = crmt.estimate_lipschitz(run.train_loader)
-    step2 = crmt.fit_integration(run.train_loader, lipschitz=lipschitz, epochs=args.integration_epochs,
-                                 lr=args.integration_lr)
+    step2 = crmt.fit_integration(run.train_loader, lipschitz=lipschitz, **common.step2_kwargs(args, run))
 
     return run.finish(model, crmt, lipschitz, step2=vars(step2))
 

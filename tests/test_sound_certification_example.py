@@ -1,4 +1,4 @@
-"""Smoke test of examples/sound_certification.py on a tiny budget (a few seconds).
+"""Smoke test of experiments/sound_certification.py on a tiny budget (a few seconds).
 
 Checks the things that must hold whatever the budget: the sound constants are upper bounds of what
 is observed (gradient norms of the uni-modal logits, encoder Jacobian spectral norms), the sound
@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "sound_certification.py")
+SCRIPT = os.path.join(ROOT, "experiments", "sound_certification.py")
 
 
 def load_script():

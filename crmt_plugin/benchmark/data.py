@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,7 +29,8 @@ from torch import Tensor
 from .._optional import require
 from ..errors import CRMTError
 
-__all__ = ["BenchmarkData", "load_npz", "save_npz", "stratified_split", "standardization", "MIN_CLASS_SIZE"]
+__all__ = ["BenchmarkData", "load_npz", "save_npz", "from_splits", "batches", "batch_list", "stratified_split",
+           "standardization", "MIN_CLASS_SIZE"]
 
 SPLIT_NAMES = ("train", "validation", "test")
 # A drawn 60/20/20 split needs this many samples per class to put at least one in every part.
@@ -271,3 +272,26 @@ def save_npz(path: str, x: Mapping[str, "object"], y: "object", split: Optional[
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez_compressed(path, **payload)
     return path
+
+
+def from_splits(splits: Any, limit: Optional[int] = None) -> BenchmarkData:
+    """A :class:`BenchmarkData` from a :class:`~crmt_plugin.datasets.MultiModalSplits` (the library's
+    AV digits / mfeat loaders), keeping its train / validation / test split; ``limit`` keeps only the
+    first ``limit`` samples of each split (smoke tests).
+
+    Example::
+
+        data = from_splits(crmt_plugin.datasets.load_av_digits(seed=0))
+        data.sizes()        # {'train': 1800, 'validation': 600, 'test': 600}
+    """
+    xs: Dict[str, List[Tensor]] = {n: [] for n in splits.modalities}
+    ys: List[Tensor] = []
+    codes: List[Tensor] = []
+    for code, part in enumerate((splits.train, splits.val, splits.test)):
+        n = len(part.targets) if limit is None else min(limit, len(part.targets))
+        for name in splits.modalities:
+            xs[name].append(part.tensors[name][:n].float())
+        ys.append(part.targets[:n].long())
+        codes.append(torch.full((n,), code, dtype=torch.long))
+    return BenchmarkData(x={n: torch.cat(v) for n, v in xs.items()}, y=torch.cat(ys), split=torch.cat(codes),
+                         num_classes=int(splits.num_classes), split_given=True, path=type(splits).__name__)

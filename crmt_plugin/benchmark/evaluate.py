@@ -49,7 +49,7 @@ from ..wrapper import CRMTWrapper
 from .data import BenchmarkData, batch_list, batches
 from .models import Standardize
 
-__all__ = ["EvalConfig", "RandomSearchL2", "cw_loss", "evaluate", "find_radius", "strong_attacks",
+__all__ = ["EvalConfig", "RandomSearchL2", "certifiable_copy", "cw_loss", "evaluate", "find_radius", "strong_attacks",
            "fast_attacks", "gradient_free_attack", "mean_robust"]
 
 Inputs = Dict[str, Tensor]
@@ -209,14 +209,23 @@ def _declare_standardize() -> Any:
     return bounds
 
 
+def certifiable_copy(model: nn.Module, head: str = "fusion", modalities: Optional[Mapping[str, int]] = None
+                     ) -> CRMTWrapper:
+    """A plain late-fusion model, certifiable exactly as CRMT certifies its own head: a deep copy
+    wrapped with ``orthonormal=False`` (unit-norm rows, their norms as a: the same logits).
+    ``modalities`` defaults to ``model.feature_dims``. The model itself is untouched."""
+    dims = modalities if modalities is not None else model.feature_dims
+    return CRMTWrapper(copy.deepcopy(model), head=head, modalities=dims, orthonormal=False)
+
+
 def _certified(trained: Any, data: BenchmarkData, inputs: Inputs, y: Tensor, radius: float,
-               sound: bool) -> Tuple[float, Optional[float], Optional[str]]:
+               sound: bool, head: str = "fusion") -> Tuple[float, Optional[float], Optional[str]]:
     """(empirical certified accuracy, sound certified accuracy or None, why the sound one is None)."""
     model = trained.model
     if trained.crmt is not None:
         wrapper, lip = trained.crmt, trained.lipschitz
     else:
-        wrapper = CRMTWrapper(copy.deepcopy(model), head="fusion", modalities=model.feature_dims, orthonormal=False)
+        wrapper = certifiable_copy(model, head)
         train_x, train_y = data.part("train")
         device = y.device
         lip = wrapper.estimate_lipschitz(batch_list({n: t.to(device) for n, t in train_x.items()},
@@ -229,7 +238,10 @@ def _certified(trained: Any, data: BenchmarkData, inputs: Inputs, y: Tensor, rad
         return empirical, None, "not computed"
     try:
         bounds = _declare_standardize()
-        sound_lip = bounds.encoder_bounds(wrapper.model.encoders, data.sample_shapes())
+        encoders = getattr(wrapper.model, "encoders", None)
+        if encoders is None:
+            return empirical, None, "the model has no `encoders` mapping to bound"
+        sound_lip = bounds.encoder_bounds(encoders, data.sample_shapes())
         radii = [wrapper.certify(xb, yb, lipschitz=sound_lip).radius for xb, yb in batches(inputs, y, 1000)]
         return empirical, float((torch.cat(radii) >= radius).double().mean()), None
     except (CRMTError, AttributeError, NotImplementedError) as exc:
@@ -243,8 +255,12 @@ def mean_robust(row: Mapping[str, Any], modalities: Sequence[str]) -> float:
 
 
 def evaluate(trained: Any, data: BenchmarkData, radius: float, cfg: EvalConfig, *, seed: int = 0,
-             device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
-    """The row of ``results.json`` for one trained model (see the module docstring)."""
+             device: torch.device = torch.device("cpu"), head: str = "fusion") -> Dict[str, Any]:
+    """The row of ``results.json`` for one trained model (see the module docstring).
+
+    ``trained``: a :class:`~crmt_plugin.benchmark.recipes.Trained` (``model`` plain, called as
+    ``model(**inputs)``; ``crmt`` and ``lipschitz`` for CRMT models); ``head``: the dotted path of the
+    plain model's fusion ``nn.Linear`` (to certify plain models)."""
     started, cpu_started = time.time(), time.process_time()
     model = trained.model.to(device).eval()
     for p in model.parameters():
@@ -275,7 +291,7 @@ def evaluate(trained: Any, data: BenchmarkData, radius: float, cfg: EvalConfig, 
         row[f"missing:{m}"] = acc(_correct(model, filled, y, None, bs))
     row["gradient_free"] = acc(free & clean)
     row["gradient_masking"] = bool(row["gradient_free"] <= row["pgd_joint"] - cfg.masking_margin)
-    empirical, sound, why = _certified(trained, data, inputs, y, radius, cfg.sound)
+    empirical, sound, why = _certified(trained, data, inputs, y, radius, cfg.sound, head)
     row["certified_empirical"] = empirical
     row["certified_sound"] = sound
     if why is not None:

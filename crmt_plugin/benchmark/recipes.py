@@ -47,7 +47,8 @@ from ..wrapper import CRMTWrapper
 from .data import BenchmarkData, batch_list, batches, standardization
 from .models import BenchmarkNet, build_model
 
-__all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "TrainConfig", "Trained", "train", "check_methods"]
+__all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "TrainConfig", "Trained", "train", "check_methods", "accuracy",
+           "BestOnValidation", "new_model"]
 
 METHODS = ("jt", "crmt-jt", "pgd-at", "crmt-at", "trades", "crmt-trades", "mixup", "crmt-mix", "paper-crmt-jt")
 CRMT_METHODS = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix", "paper-crmt-jt")
@@ -141,6 +142,38 @@ def accuracy(model: nn.Module, inputs: Dict[str, Tensor], y: Tensor, batch_size:
     for m, t in saved:
         m.training = t
     return correct / max(int(y.shape[0]), 1)
+
+
+class BestOnValidation:
+    """Model selection on the validation split: keep a copy of the weights of the epoch with the best
+    validation accuracy (ties keep the earlier epoch).
+
+    Example:
+
+        >>> import torch
+        >>> net, best = torch.nn.Linear(2, 2), BestOnValidation()
+        >>> best.update(net, 0.5), best.update(net, 0.4), best.best_epoch
+        (True, False, 1)
+        >>> best.restore(net)
+    """
+
+    def __init__(self) -> None:
+        self.best_val, self.best_epoch, self.epochs = -1.0, 0, 0
+        self.state: Optional[Dict[str, Tensor]] = None
+
+    def update(self, model: nn.Module, val_accuracy: float) -> bool:
+        """Record one epoch's validation accuracy; True when it is the best so far (weights copied)."""
+        self.epochs += 1
+        if val_accuracy > self.best_val:
+            self.best_val, self.best_epoch = float(val_accuracy), self.epochs
+            self.state = copy.deepcopy(model.state_dict())
+            return True
+        return False
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best epoch's weights (nothing when no epoch was recorded)."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
 
 
 def _supports(fn: Callable, name: str) -> bool:
@@ -263,7 +296,7 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
             return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[other])
         return crmt_loss(crmt(mixed), y, y_b=y[other], lam=lam, **loss_kw)  # crmt-mix
 
-    best_val, best_epoch, best_state = -1.0, 0, None
+    selection = BestOnValidation()
     history: List[Dict[str, float]] = []
     epochs = range(1, cfg.epochs + 1)
     bar = epoch_bar(epochs) if epoch_bar is not None else epochs
@@ -281,12 +314,10 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
             count += 1
         val = accuracy(model, val_x, val_y)
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_accuracy": val})
-        if val > best_val:
-            best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+        selection.update(model, val)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val:.3f}", best=f"{best_val:.3f}")
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val:.3f}", best=f"{selection.best_val:.3f}")
+    selection.restore(model)
     model.eval()
     lipschitz = step2 = None
     if crmt is not None:
@@ -299,5 +330,5 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     else:
         plain = model
     return Trained(method=method, seed=seed, model=plain, crmt=crmt, lipschitz=lipschitz, step2=step2,
-                   best_val=best_val, best_epoch=best_epoch, train_seconds=time.time() - started,
+                   best_val=selection.best_val, best_epoch=selection.best_epoch, train_seconds=time.time() - started,
                    train_cpu_seconds=time.process_time() - cpu_started, history=history)

@@ -1,6 +1,6 @@
 """Sound vs empirical certified accuracy on the real audio-visual digits: JT vs CRMT-JT.
 
-    OMP_NUM_THREADS=1 python examples/sound_certification.py --figures docs/figures
+    OMP_NUM_THREADS=1 python experiments/sound_certification.py --figures docs/figures
 
 Trains `AVDigitsNet` on `load_av_digits(seed=0)` as
 
@@ -56,9 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-for path in (os.path.dirname(HERE), HERE):  # the repository (no `pip install -e .`) and examples/common.py
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if os.path.dirname(HERE) not in sys.path:  # the repository (no `pip install -e .`)
+    sys.path.insert(0, os.path.dirname(HERE))
 
 import crmt_plugin  # noqa: E402
 from crmt_plugin.attacks import PGD, cw_margin_loss  # noqa: E402
@@ -66,8 +65,7 @@ from crmt_plugin.bounds import LipschitzPenalty, encoder_bounds  # noqa: E402
 from crmt_plugin.certify import Certificate  # noqa: E402
 from crmt_plugin.datasets import load_av_digits  # noqa: E402
 from crmt_plugin.models import AVDigitsNet  # noqa: E402
-
-from common import certifiable_copy  # noqa: E402
+from crmt_plugin.benchmark.evaluate import certifiable_copy  # noqa: E402
 
 RADII = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
@@ -75,8 +73,13 @@ RADII = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=8, help="step-1 epochs per model")
-    p.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0],
-                   help="weights lambda of the LipschitzPenalty term (0 = none); the first is the headline model")
+    p.add_argument(
+        "--penalties",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.1, 0.3, 1.0],
+        help="weights lambda of the LipschitzPenalty term (0 = none); the first is the headline model",
+    )
     p.add_argument("--methods", nargs="+", choices=["jt", "crmt"], default=["jt", "crmt"])
     p.add_argument("--rho", type=float, default=2.0, help="CRMT margin-term weight")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (step 1)")
@@ -86,15 +89,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--radii", type=float, nargs="+", default=list(RADII), help="table radii (normalised units)")
     p.add_argument("--pgd-steps", type=int, default=20, help="steps of the sanity-check PGD")
     p.add_argument("--pgd-restarts", type=int, default=1)
-    p.add_argument("--bisection-steps", type=int, default=5,
-                   help="bisection iterations of the PGD minimal-distance search (headline models; 0 = off)")
+    p.add_argument(
+        "--bisection-steps",
+        type=int,
+        default=5,
+        help="bisection iterations of the PGD minimal-distance search (headline models; 0 = off)",
+    )
     p.add_argument("--bisection-pgd-steps", type=int, default=10, help="PGD steps per bisection probe")
-    p.add_argument("--jacobian-samples", type=int, default=256,
-                   help="training samples on which the encoder Jacobian spectral norm is measured")
-    p.add_argument("--conv-method", default="auto", choices=["auto", "dense", "fourier"],
-                   help="convolution bound of encoder_bounds (auto: exact operator norms)")
-    p.add_argument("--plot-penalty", type=float, default=None,
-                   help="also plot the sound curves of the models trained with this lambda")
+    p.add_argument(
+        "--jacobian-samples",
+        type=int,
+        default=256,
+        help="training samples on which the encoder Jacobian spectral norm is measured",
+    )
+    p.add_argument(
+        "--conv-method",
+        default="auto",
+        choices=["auto", "dense", "fourier"],
+        help="convolution bound of encoder_bounds (auto: exact operator norms)",
+    )
+    p.add_argument(
+        "--plot-penalty",
+        type=float,
+        default=None,
+        help="also plot the sound curves of the models trained with this lambda",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N samples of each split (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
@@ -112,8 +131,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def subset(dataset, limit: Optional[int]):
     if limit is None or limit >= len(dataset):
         return dataset
-    return crmt_plugin.datasets.MultiModalDataset({n: t[:limit] for n, t in dataset.tensors.items()},
-                                                  dataset.targets[:limit])
+    return crmt_plugin.datasets.MultiModalDataset(
+        {n: t[:limit] for n, t in dataset.tensors.items()}, dataset.targets[:limit]
+    )
 
 
 @torch.no_grad()
@@ -132,14 +152,18 @@ def train(method: str, lam: float, args, splits, shapes) -> Tuple[nn.Module, Opt
     crmt = crmt_plugin.CRMTWrapper(model, head="fusion.fc", modalities=model.feature_dims) if method == "crmt" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     penalties = {n: LipschitzPenalty(model.encoders[n], shapes[n]) for n in shapes} if lam > 0 else {}
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=args.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(
+        splits.train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
     best = (-1.0, 0, None)
     for epoch in range(1, args.epochs + 1):
         model.train()
         for inputs, y in loader:
-            loss = (F.cross_entropy(model(**inputs), y) if crmt is None
-                    else crmt_plugin.crmt_loss(crmt(inputs), y, rho=args.rho))
+            loss = (
+                F.cross_entropy(model(**inputs), y)
+                if crmt is None
+                else crmt_plugin.crmt_loss(crmt(inputs), y, rho=args.rho)
+            )
             if penalties:
                 loss = loss + lam * sum(p().log() for p in penalties.values())
             optimizer.zero_grad()
@@ -182,8 +206,15 @@ def pgd_flips(model, inputs, y, eps: Tensor, modality: Optional[str], args, seed
     if not bool(attacked.any()):
         return 0, 0
     sub = {n: t[attacked] for n, t in inputs.items()}
-    attack = PGD(eps=eps[attacked].float(), norm="l2", modalities=modality, steps=args.pgd_steps,
-                 restarts=args.pgd_restarts, loss=cw_margin_loss, generator=torch.Generator().manual_seed(seed))
+    attack = PGD(
+        eps=eps[attacked].float(),
+        norm="l2",
+        modalities=modality,
+        steps=args.pgd_steps,
+        restarts=args.pgd_restarts,
+        loss=cw_margin_loss,
+        generator=torch.Generator().manual_seed(seed),
+    )
     adv = attack(model, sub, y[attacked])
     with torch.no_grad():
         logits = model(adv)
@@ -201,8 +232,14 @@ def pgd_min_distance(model, inputs, y, lo: Tensor, hi: float, args, seed: int) -
 
     def flips(eps: Tensor) -> Tensor:
         out = torch.zeros_like(correct)
-        attack = PGD(eps=eps[correct], norm="l2", steps=args.bisection_pgd_steps, restarts=args.pgd_restarts,
-                     loss=cw_margin_loss, generator=torch.Generator().manual_seed(seed))
+        attack = PGD(
+            eps=eps[correct],
+            norm="l2",
+            steps=args.bisection_pgd_steps,
+            restarts=args.pgd_restarts,
+            loss=cw_margin_loss,
+            generator=torch.Generator().manual_seed(seed),
+        )
         sub = {n: t[correct] for n, t in inputs.items()}
         adv = attack(model, sub, y[correct])
         with torch.no_grad():
@@ -249,18 +286,25 @@ def analyse(method: str, lam: float, model, crmt, info, args, splits, shapes, he
     sound = encoder_bounds({n: model.encoders[n] for n in shapes}, shapes, conv_method=args.conv_method)
     bound_seconds = time.time() - started
     jac = encoder_jacobian_norms(model, train_data, args.jacobian_samples)
-    result: Dict[str, Any] = {"method": method, "penalty": lam, **info,
-                              "clean_accuracy": accuracy(model, test),
-                              "sound_L": dict(zip(sound.modalities, sound.values.tolist())),
-                              "bound_seconds": bound_seconds, "max_jacobian_norm": jac}
+    result: Dict[str, Any] = {
+        "method": method,
+        "penalty": lam,
+        **info,
+        "clean_accuracy": accuracy(model, test),
+        "sound_L": dict(zip(sound.modalities, sound.values.tolist())),
+        "bound_seconds": bound_seconds,
+        "max_jacobian_norm": jac,
+    }
     if method == "jt":
-        plain = certifiable_copy(model)  # the JT head as it is: unit rows, their norms as a
+        plain = certifiable_copy(model, "fusion.fc")  # the JT head as it is: unit rows, their norms as a
         empirical = plain.estimate_lipschitz(train_loader)
         cert_sound = plain.certify(x, y, lipschitz=sound)  # tight: L^(m) ||W_y^(m) - W_k^(m)||
         cert_emp = plain.certify(x, y, lipschitz=empirical)
         attack_model = model
         # the approximate conversion, for the record
-        converted = crmt_plugin.CRMTWrapper(copy.deepcopy(model), head="fusion.fc", modalities=model.feature_dims).eval()
+        converted = crmt_plugin.CRMTWrapper(
+            copy.deepcopy(model), head="fusion.fc", modalities=model.feature_dims
+        ).eval()
         with torch.no_grad():
             jt_logits = model(**x)
             conv_logits = converted(x).logits
@@ -280,18 +324,25 @@ def analyse(method: str, lam: float, model, crmt, info, args, splits, shapes, he
         result["sound_step1_median_radius"] = float(step1.radius.median())
         emp_crmt, sound_crmt = copy.deepcopy(crmt), copy.deepcopy(crmt)
         gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
-        step2_emp = emp_crmt.fit_integration(train_loader, lipschitz=empirical, epochs=args.integration_epochs, generator=gen())
-        step2_sound = sound_crmt.fit_integration(train_loader, lipschitz=sound, epochs=args.integration_epochs, generator=gen())
+        step2_emp = emp_crmt.fit_integration(
+            train_loader, lipschitz=empirical, epochs=args.integration_epochs, generator=gen()
+        )
+        step2_sound = sound_crmt.fit_integration(
+            train_loader, lipschitz=sound, epochs=args.integration_epochs, generator=gen()
+        )
         cert_sound = sound_crmt.certify(x, y, lipschitz=sound)
         cert_emp = emp_crmt.certify(x, y, lipschitz=empirical)
         cert_sound_of_emp = emp_crmt.certify(x, y, lipschitz=sound)
         cert_emp_of_sound = sound_crmt.certify(x, y, lipschitz=empirical)
         result["step2"] = {"empirical": vars(step2_emp), "sound": vars(step2_sound)}
         result["clean_accuracy_after_step2"] = {
-            "empirical": float(cert_emp.correct.double().mean()), "sound": float(cert_sound.correct.double().mean())}
+            "empirical": float(cert_emp.correct.double().mean()),
+            "sound": float(cert_sound.correct.double().mean()),
+        }
         result["integration_weights"] = {
             "empirical": {n: a.tolist() for n, a in emp_crmt.integration_weights().items()},
-            "sound": {n: a.tolist() for n, a in sound_crmt.integration_weights().items()}}
+            "sound": {n: a.tolist() for n, a in sound_crmt.integration_weights().items()},
+        }
         result["sound_curve_of_empirical_step2"] = curve(cert_sound_of_emp, args.radii)
         result["sound_median_radius_of_empirical_step2"] = float(cert_sound_of_emp.radius.median())
         result["same_model_ratio_empirical_step2"] = median_ratio(cert_emp.radius, cert_sound_of_emp.radius)
@@ -307,9 +358,12 @@ def analyse(method: str, lam: float, model, crmt, info, args, splits, shapes, he
     result["bound_over_jacobian"] = {n: result["sound_L"][n] / jac[n] for n in jac}
     result["curves"] = {"sound": curve(cert_sound, args.radii), "empirical": curve(cert_emp, args.radii)}
     result["median_radius"] = {
-        kind: {k: float(v.median()) for k, v in radii_of(c).items()} for kind, c in (("sound", cert_sound), ("empirical", cert_emp))}
+        kind: {k: float(v.median()) for k, v in radii_of(c).items()}
+        for kind, c in (("sound", cert_sound), ("empirical", cert_emp))
+    }
     result["empirical_over_sound_median"] = {
-        k: median_ratio(radii_of(cert_emp)[k], radii_of(cert_sound)[k]) for k in radii_of(cert_sound)}
+        k: median_ratio(radii_of(cert_emp)[k], radii_of(cert_sound)[k]) for k in radii_of(cert_sound)
+    }
     result["raw_units"] = {n: splits.normalization[n].to_raw_radius(1.0) for n in shapes}
     # sanity: PGD at 0.99 x the sound radius (joint and each modality alone) flips nothing
     checks = {}
@@ -332,7 +386,8 @@ def analyse(method: str, lam: float, model, crmt, info, args, splits, shapes, he
         ok = dist > 0
         result["pgd_distance"] = {
             "median": float(dist[ok].median()) if bool(ok.any()) else None,
-            "not_flipped_at_hi": int(torch.isinf(dist).sum()), "hi": hi,
+            "not_flipped_at_hi": int(torch.isinf(dist).sum()),
+            "hi": hi,
             "median_over_sound": median_ratio(dist, cert_sound.radius),
             "median_over_empirical": median_ratio(dist, emp_same),
             "empirical_radius_exceeds_pgd_distance": int(((emp_same > dist) & ok).sum()),
@@ -369,21 +424,33 @@ def curve_table(results: List[Dict[str, Any]], radii: Sequence[float], modalitie
             step2 = "-" if r["method"] == "jt" else kind
             for key in ("joint",) + tuple(modalities):
                 accs = r["curves"][kind][key]
-                lines.append(f"| {label(r)} | {kind} ({step2}) | {key if key != 'joint' else '+'.join(modalities)} | "
-                             + " | ".join(pct(a) for a in accs) + " |")
+                lines.append(
+                    f"| {label(r)} | {kind} ({step2}) | {key if key != 'joint' else '+'.join(modalities)} | "
+                    + " | ".join(pct(a) for a in accs)
+                    + " |"
+                )
         if r["method"] == "crmt":
             accs = r["sound_curve_of_empirical_step2"]["joint"]
-            lines.append(f"| {label(r)} | sound (empirical) | {'+'.join(modalities)} | " + " | ".join(pct(a) for a in accs) + " |")
+            lines.append(
+                f"| {label(r)} | sound (empirical) | {'+'.join(modalities)} | "
+                + " | ".join(pct(a) for a in accs)
+                + " |"
+            )
     return "\n".join(lines)
 
 
 def gap_table(results: List[Dict[str, Any]], modalities: Sequence[str]) -> str:
-    lines = ["| model | modality | sound L | max tau (largest gradient norm of a logit) | max ||J_phi||_2 | L / max tau | L / max ||J|| |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | modality | sound L | max tau (largest gradient norm of a logit) | max ||J_phi||_2 "
+        "| L / max tau | L / max ||J|| |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for n in modalities:
-            lines.append(f"| {label(r)} | {n} | {r['sound_L'][n]:.2f} | {r['empirical_tau_max'][n]:.3f} | "
-                         f"{r['max_jacobian_norm'][n]:.3f} | {r['bound_over_tau'][n]:.0f} | {r['bound_over_jacobian'][n]:.0f} |")
+            lines.append(
+                f"| {label(r)} | {n} | {r['sound_L'][n]:.2f} | {r['empirical_tau_max'][n]:.3f} | "
+                f"{r['max_jacobian_norm'][n]:.3f} | {r['bound_over_tau'][n]:.0f} | {r['bound_over_jacobian'][n]:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -397,23 +464,32 @@ def same(r: Dict[str, Any], key: str) -> str:
 
 def radius_table(results: List[Dict[str, Any]], modalities: Sequence[str]) -> str:
     keys = ("joint",) + tuple(modalities)
-    lines = ["| model | perturbed | median sound radius | median empirical radius | median empirical / sound (per sample) "
-             "| same a: median empirical / sound (a from sound step 2 / from empirical step 2) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | perturbed | median sound radius | median empirical radius | median empirical / sound (per sample) "
+        "| same a: median empirical / sound (a from sound step 2 / from empirical step 2) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         for k in keys:
             ratio = r["empirical_over_sound_median"][k]
-            lines.append(f"| {label(r)} | {k if k != 'joint' else '+'.join(modalities)} | {r['median_radius']['sound'][k]:.4f} | "
-                         f"{r['median_radius']['empirical'][k]:.3f} | {'-' if ratio is None else f'{ratio:.0f}x'} | {same(r, k)} |")
+            lines.append(
+                f"| {label(r)} | {k if k != 'joint' else '+'.join(modalities)} | "
+                f"{r['median_radius']['sound'][k]:.4f} | {r['median_radius']['empirical'][k]:.3f} | "
+                f"{'-' if ratio is None else f'{ratio:.0f}x'} | {same(r, k)} |"
+            )
     return "\n".join(lines)
 
 
 def tradeoff_table(results: List[Dict[str, Any]], modalities: Sequence[str], radii: Sequence[float]) -> str:
     show = [r for r in radii if r <= 0.1] or list(radii[:3])
-    lines = ["| model | penalty | val acc | clean test acc (CRMT: after step 2, sound a / empirical a) | sound L ("
-             + ", ".join(modalities) + ") | median sound radius | "
-             + " | ".join(f"sound cert {r:g}" for r in show) + " | median empirical radius | empirical cert 1 |",
-             "|---|---|---|---|---|---|" + "---|" * len(show) + "---|---|"]
+    lines = [
+        "| model | penalty | val acc | clean test acc (CRMT: after step 2, sound a / empirical a) | sound L ("
+        + ", ".join(modalities)
+        + ") | median sound radius | "
+        + " | ".join(f"sound cert {r:g}" for r in show)
+        + " | median empirical radius | empirical cert 1 |",
+        "|---|---|---|---|---|---|" + "---|" * len(show) + "---|---|",
+    ]
     for r in results:
         clean = r["clean_accuracy"]
         emp_at_1 = None
@@ -425,10 +501,13 @@ def tradeoff_table(results: List[Dict[str, Any]], modalities: Sequence[str], rad
             clean_text = f"{pct(clean)} ({pct(after['sound'])} / {pct(after['empirical'])})"
         else:
             clean_text = pct(clean)
-        lines.append(f"| {NAMES[r['method']]} | {r['penalty']:g} | {pct(r['val_accuracy'])} | {clean_text} | "
-                     + ", ".join(f"{r['sound_L'][n]:.1f}" for n in modalities)
-                     + f" | {r['median_radius']['sound']['joint']:.4f} | " + " | ".join(pct(a) for a in sound_at)
-                     + f" | {r['median_radius']['empirical']['joint']:.2f} | {pct(emp_at_1)} |")
+        lines.append(
+            f"| {NAMES[r['method']]} | {r['penalty']:g} | {pct(r['val_accuracy'])} | {clean_text} | "
+            + ", ".join(f"{r['sound_L'][n]:.1f}" for n in modalities)
+            + f" | {r['median_radius']['sound']['joint']:.4f} | "
+            + " | ".join(pct(a) for a in sound_at)
+            + f" | {r['median_radius']['empirical']['joint']:.2f} | {pct(emp_at_1)} |"
+        )
     return "\n".join(lines)
 
 
@@ -441,16 +520,22 @@ def check_table(results: List[Dict[str, Any]]) -> str:
 
 
 def distance_table(results: List[Dict[str, Any]]) -> str:
-    lines = ["| model | median PGD distance | / sound radius | / empirical radius | empirical radius > PGD distance | sound radius > PGD distance |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | median PGD distance | / sound radius | / empirical radius | empirical radius > PGD distance "
+        "| sound radius > PGD distance |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         d = r.get("pgd_distance")
         if not d:
             continue
         fmt = lambda v, s="": "-" if v is None else f"{v:.2f}{s}"  # noqa: E731
-        lines.append(f"| {label(r)} | {fmt(d['median'])} | {fmt(d['median_over_sound'], 'x')} | "
-                     f"{fmt(d['median_over_empirical'], 'x')} | {d['empirical_radius_exceeds_pgd_distance']} / {d['attacked']} | "
-                     f"{d['sound_radius_exceeds_pgd_distance']} / {d['attacked']} |")
+        lines.append(
+            f"| {label(r)} | {fmt(d['median'])} | {fmt(d['median_over_sound'], 'x')} | "
+            f"{fmt(d['median_over_empirical'], 'x')} | "
+            f"{d['empirical_radius_exceeds_pgd_distance']} / {d['attacked']} | "
+            f"{d['sound_radius_exceeds_pgd_distance']} / {d['attacked']} |"
+        )
     return "\n".join(lines)
 
 
@@ -479,16 +564,19 @@ def plot(results: List[Dict[str, Any]], modalities: Sequence[str], path: str, pl
                 ax.plot(grid.numpy(), 100 * acc.numpy(), style, color=color, label=f"{label(r)}, {kind}")
             if key == "joint" and "_distance" in r:
                 acc = (r["_distance"].unsqueeze(0) >= grid.unsqueeze(1)).double().mean(1)
-                ax.plot(grid.numpy(), 100 * acc.numpy(), ":", color=color,
-                        label=f"{label(r)}, PGD-robust (upper bound)")
+                ax.plot(
+                    grid.numpy(), 100 * acc.numpy(), ":", color=color, label=f"{label(r)}, PGD-robust (upper bound)"
+                )
         ax.set_xscale("log")
         ax.set_xlabel("l2 radius (normalised input units, log scale)")
         ax.set_title("all modalities perturbed" if key == "joint" else f"{key} perturbed alone")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("certified accuracy (%)")
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("AV digits, test split: certified accuracy, sound (solid) vs empirical (dashed); "
-                 "dotted: accuracy under PGD (bisection, an upper bound)")
+    fig.suptitle(
+        "AV digits, test split: certified accuracy, sound (solid) vs empirical (dashed); "
+        "dotted: accuracy under PGD (bisection, an upper bound)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -527,9 +615,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.time()
     full = load_av_digits(seed=args.data_seed)
-    splits = type(full)(train=subset(full.train, args.limit), val=subset(full.val, args.limit),
-                        test=subset(full.test, args.limit), normalization=full.normalization,
-                        num_classes=full.num_classes, indices=full.indices)
+    splits = type(full)(
+        train=subset(full.train, args.limit),
+        val=subset(full.val, args.limit),
+        test=subset(full.test, args.limit),
+        normalization=full.normalization,
+        num_classes=full.num_classes,
+        indices=full.indices,
+    )
     shapes = dict(splits.feature_shapes)
     modalities = tuple(shapes)
     results = []
@@ -540,16 +633,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             info["train_seconds"] = time.time() - t0
             r = analyse(method, lam, model, crmt, info, args, splits, shapes, headline=lam_index == 0)
             if not args.quiet:
-                print(f"{label(r)}: clean {r['clean_accuracy']:.3f}, L {r['sound_L']}, median radius sound "
-                      f"{r['median_radius']['sound']['joint']:.4f} / empirical {r['median_radius']['empirical']['joint']:.3f} "
-                      f"(train {info['train_seconds']:.0f} s, analysis {r['seconds']:.0f} s)", flush=True)
+                print(
+                    f"{label(r)}: clean {r['clean_accuracy']:.3f}, L {r['sound_L']}, median radius sound "
+                    f"{r['median_radius']['sound']['joint']:.4f} / empirical "
+                    f"{r['median_radius']['empirical']['joint']:.3f} "
+                    f"(train {info['train_seconds']:.0f} s, analysis {r['seconds']:.0f} s)",
+                    flush=True,
+                )
             results.append(r)
     total = time.time() - started
     os.makedirs(args.out, exist_ok=True)
     figures = args.figures or args.out
     os.makedirs(figures, exist_ok=True)
-    paths = [plot(results, modalities, os.path.join(figures, "certification_av.png"), args.plot_penalty),
-             plot_tradeoff(results, os.path.join(figures, "certification_tradeoff.png"))]
+    paths = [
+        plot(results, modalities, os.path.join(figures, "certification_av.png"), args.plot_penalty),
+        plot_tradeoff(results, os.path.join(figures, "certification_tradeoff.png")),
+    ]
     headline = [r for r in results if r["penalty"] == args.penalties[0]]
     sections = [
         ("Certified accuracy (%) vs l2 radius", curve_table(headline, args.radii, modalities)),
@@ -560,8 +659,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         ("Trade-off: LipschitzPenalty weight", tradeoff_table(results, modalities, args.radii)),
     ]
     conversion = next((r["conversion"] for r in results if r["method"] == "jt"), None)
-    md = [f"# sound_certification ({total:.0f} s)\n", f"command: python examples/sound_certification.py "
-          + " ".join(sys.argv[1:] if argv is None else argv) + "\n"]
+    md = [
+        f"# sound_certification ({total:.0f} s)\n",
+        "command: python experiments/sound_certification.py " + " ".join(sys.argv[1:] if argv is None else argv) + "\n",
+    ]
     md += [f"## {title}\n\n{table}\n" for title, table in sections]
     if conversion:
         md.append(f"JT -> CRMT head conversion: {json.dumps(conversion)}\n")
@@ -570,8 +671,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         f.write(text)
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "seconds": total, "figures": paths, "results": clean}, f, indent=1,
-                  default=lambda v: v.tolist() if isinstance(v, Tensor) else str(v))
+        json.dump(
+            {"args": vars(args), "seconds": total, "figures": paths, "results": clean},
+            f,
+            indent=1,
+            default=lambda v: v.tolist() if isinstance(v, Tensor) else str(v),
+        )
     if not args.quiet:
         print(text)
         print(f"wrote {args.out}/results.md, results.json, {', '.join(paths)}; total {total:.0f} s")
