@@ -333,12 +333,12 @@ class CRMTHead(nn.Module):
     def _factorise(source: Tensor, orthonormal: bool, key: Tuple[Any, ...]) -> _Factors:
         # detached, in the parameter's own dtype (never an enclosing autocast's), normal tensors even
         # inside inference_mode: the factors must serve any later call (the contexts only where needed)
-        v = source.detach()
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():
                 stack.enter_context(torch.inference_mode(False))
-            if _autocast_on(v.device.type):
-                stack.enter_context(no_autocast(v.device))
+            if _autocast_on(source.device.type):
+                stack.enter_context(no_autocast(source.device))
+            v = source.detach()
             if orthonormal:
                 q, r = torch.linalg.qr(v.mT, mode="reduced")
                 signs = torch.where(torch.diagonal(r) >= 0, 1.0, -1.0).to(q.dtype)
