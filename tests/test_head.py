@@ -224,6 +224,21 @@ def test_frozen_directions_and_inference_mode():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_autocast_leaves_the_cache_in_the_parameters_dtype():
+    cached, plain = pair({"a": 6, "b": 5}, 4, dtype=torch.float32)
+    x = torch.randn(3, 11)
+    for head in (cached, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(x)
+        z = head.pop_last()["unimodal"]
+        assert z["a"].dtype == torch.bfloat16  # the matmuls did run in low precision
+        (out.float().square().sum() + sum(t.float().sum() for t in z.values())).backward()
+    for name, g in grads(plain).items():
+        torch.testing.assert_close(grads(cached)[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert cached.unimodal_weight("a").dtype == torch.float32  # outside autocast: the float32 factors
+    assert_fresh(cached)
+
+
 # ============================================================================ never stale
 OPTIMISERS = {
     "sgd-foreach": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, foreach=True),
