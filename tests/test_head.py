@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from crmt_plugin import CRMTError, crmt_loss
@@ -76,6 +77,60 @@ def reference_weight(head, name):
 def assert_fresh(head):
     for name in head.modalities:
         torch.testing.assert_close(head.unimodal_weight(name), reference_weight(head, name), rtol=0, atol=0)
+
+
+# ============================================================================ the map and the head
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 6), extra=st.integers(0, 5), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_orthonormalize_rows_properties(k, extra, batch, seed):
+    """Orthonormal rows; the identity on rows that already are; a batch equals its items; smooth:
+    a small change of V moves W~ a little (the sign fix never flips a row)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(batch, k, k + extra, generator=gen, dtype=torch.float64)
+    w = orthonormalize_rows(v)
+    torch.testing.assert_close(w @ w.mT, torch.eye(k, dtype=torch.float64).expand(batch, k, k), rtol=0, atol=1e-10)
+    torch.testing.assert_close(orthonormalize_rows(w), w, rtol=0, atol=1e-10)
+    for i in range(batch):
+        torch.testing.assert_close(orthonormalize_rows(v[i]), w[i], rtol=0, atol=1e-12)
+    nearby = orthonormalize_rows(v + 1e-7 * torch.randn(v.shape, generator=gen, dtype=torch.float64))
+    assert (nearby - w).abs().max() < 1e-4
+    unit = normalize_rows(v)
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(batch, k, dtype=torch.float64))
+
+
+def test_forward_is_the_fused_linear_and_keeps_the_unimodal_parts():
+    head, _ = pair({"a": 6, "b": 3}, 4)  # K > d_b: unit rows for b
+    x = torch.randn(5, 9, dtype=torch.float64)
+    out = head(x)
+    torch.testing.assert_close(out, F.linear(x, head.fused_weight(), head.bias))
+    last = head.pop_last()
+    a = head.integration_weights()
+    torch.testing.assert_close(out, a[0] * last["unimodal"]["a"] + a[1] * last["unimodal"]["b"] + head.bias)
+    torch.testing.assert_close(last["features"]["b"], x[:, 6:])
+    assert head.orthonormal_rows == {"a": True, "b": False}
+    with pytest.raises(CRMTError, match="was not called"):
+        head.pop_last()
+    with pytest.raises(CRMTError, match="last dimension 9"):
+        head(torch.randn(5, 8, dtype=torch.float64))
+
+
+def test_unit_row_head_from_linear_reproduces_the_linear_exactly():
+    linear = nn.Linear(9, 4).double()
+    head = CRMTHead.from_linear(linear, {"a": 6, "b": 3}, orthonormal=False)
+    x = torch.randn(5, 9, dtype=torch.float64)
+    torch.testing.assert_close(head(x), linear(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (({"a": 3}, 4), {}, "at least 2 modalities"),
+    (({"a": 3, "b": 2}, 1), {}, "at least 2 classes"),
+    (({"a.x": 3, "b": 2}, 4), {}, "without '.'"),
+    (({"a": 0, "b": 2}, 4), {}, "positive int"),
+    (({"a": 3, "b": 2}, 4), {"integration_init": 0.0}, "integration_init"),
+])
+def test_bad_construction_raises(args, kwargs, message):
+    with pytest.raises(CRMTError, match=message):
+        CRMTHead(*args, **kwargs)
 
 
 # ============================================================================ values and gradients
