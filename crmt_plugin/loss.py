@@ -45,7 +45,7 @@ __all__ = ["crmt_loss", "margin_loss"]
 
 MarginKind = str  # "relative" | "raw"
 DEFAULT_TEMPERATURE = 10.0
-DEFAULT_RHO = 0.5
+DEFAULT_RHO = 0.1
 DEFAULT_MARGIN_TARGET = 1.0  # the hinge's target smooth-min margin (relative units)
 PENALTIES = ("logsumexp", "hinge", "sigmoid")
 DEFAULT_PENALTY = "hinge"  # for margin="relative"; margin="raw" uses "logsumexp" (the paper) by default
@@ -224,7 +224,7 @@ def crmt_loss(
     Args:
         out: a :class:`~crmt_plugin.CRMTOutput`; ``out.logits`` (B, K) are the fused logits.
         y: (B,) integer labels.
-        rho: weight of the margin term, >= 0 (default 0.5, chosen on imbalanced data; the paper: 2.0
+        rho: weight of the margin term, >= 0 (default 0.1, chosen on imbalanced data; the paper: 2.0
             with ``margin="raw"``).
         margin, temperature, penalty, margin_target: see :func:`margin_loss`.
         base_loss: per-sample or reduced loss on the fused logits, ``f(logits, y)``; default

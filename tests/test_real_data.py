@@ -1,7 +1,7 @@
 """Training on the real audio-visual digits: no a^(m) collapse, no feature inflation, JT-level accuracy.
 
-The scale degeneracy of the paper's raw margin term (features up, a down, regulariser to -inf) is
-shown to happen with ``margin="raw"`` and not with the default relative margin.
+Plus: on an imbalanced mfeat pair the default step 1 stays within a point of plain joint training
+(three seeds), where the paper's raw margin does not.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def splits():
 
 
 def train(splits, mode: str, seed: int = 0):
-    """mode: "jt" (plain CE), "crmt" (default margin) or "raw" (the paper's raw margin)."""
+    """mode: "jt" (plain CE) or "crmt" (the library defaults)."""
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(splits.train, batch_size=64, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
@@ -38,8 +38,8 @@ def train(splits, mode: str, seed: int = 0):
             if crmt is None:
                 loss = F.cross_entropy(model(**inputs), y)
             else:
-                loss = crmt_plugin.crmt_loss(crmt(inputs), y, rho=2.0,
-                                             margin="raw" if mode == "raw" else "relative")
+                out = crmt(inputs)
+                loss = crmt_plugin.crmt_loss(out, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -55,7 +55,7 @@ def train(splits, mode: str, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def runs(splits):
-    return {mode: train(splits, mode) for mode in ("jt", "crmt", "raw")}
+    return {mode: train(splits, mode) for mode in ("jt", "crmt")}
 
 
 def test_crmt_keeps_joint_training_accuracy(runs):
@@ -72,12 +72,13 @@ def test_integration_weights_do_not_collapse(runs):
         assert (a / a0).min() > 0.2 and (a / a0).max() < 5.0
 
 
-def test_feature_norms_stay_bounded_unlike_the_raw_margin(runs):
-    jt_features, crmt_features, raw_features = runs["jt"][1], runs["crmt"][1], runs["raw"][1]
+def test_feature_norms_stay_bounded(runs):
+    """The relative margin is scale-free (tests/test_loss.py::test_relative_margin_is_scale_free), so
+    nothing rewards inflating the features. (The paper's raw margin does reward it; on this 6-epoch
+    run with weight decay its features stayed at 1.1x JT's, so no inflation is asserted here.)"""
+    jt_features, crmt_features = runs["jt"][1], runs["crmt"][1]
     for name in jt_features:
         assert crmt_features[name] <= 2.0 * jt_features[name], (crmt_features, jt_features)
-    # the degeneracy is real: the paper's raw margin inflates the features
-    assert max(raw_features[n] / crmt_features[n] for n in raw_features) > 3.0, (raw_features, crmt_features)
 
 
 # -- step 1 on an imbalanced pair: the default keeps joint training's clean accuracy ----------------
@@ -85,8 +86,8 @@ def test_feature_norms_stay_bounded_unlike_the_raw_margin(runs):
 MFEAT_EPOCHS = 30
 MFEAT_SEEDS = (0, 1, 2)
 # Measured (docs/method.md, "Step 1 on imbalanced data"): mfeat mor + fac, MultiViewMLP, Adam 1e-3,
-# 30 epochs, seeds 0-2, the first 400 test digits: JT 0.988; the default crmt_loss within 0.5 point;
-# the paper's raw margin (rho 2) 3.3 points below.
+# 30 epochs, seeds 0-2, the 400 test digits: JT 0.988; the default crmt_loss 0.985 (rho 0.1; 0.985 at
+# rho 0.25, 0.983 at 0.5, 0.981 for the old logsumexp at rho 2); the paper's raw margin (rho 2) 0.954.
 CLEAN_TOLERANCE = 0.01
 
 

@@ -115,6 +115,7 @@ VARIANTS = {
     "lib_hinge0.5": library_loss(rho=0.5, penalty="hinge", margin_target=1.0),
     "lib_sig1": library_loss(rho=1.0, penalty="sigmoid"),
     "lib_hinge0.25": library_loss(rho=0.25, penalty="hinge", margin_target=1.0),
+    "lib_hinge0.1": library_loss(rho=0.1, penalty="hinge", margin_target=1.0),
     "lib": library_loss(),                                   # whatever crmt_loss's defaults are now
 }
 
