@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-torchattacks", action="store_true")
     p.add_argument("--models", nargs="+", default=["JT", "CRMT-JT"], help="which of JT, CRMT-JT")
     args = p.parse_args(argv)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     splits = load_av_digits(seed=0)
     models = load_models(args.checkpoints, splits)
     items = [splits.test[i] for i in range(args.n)]
@@ -185,7 +185,8 @@ def main(argv=None) -> None:
         print("| " + " | ".join(row) + " |")
     print()
     print("seconds per attack (all models and radii): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if v))
-    print(f"wall time {time.time() - started:.0f} s (torch threads: {torch.get_num_threads()})")
+    print(f"wall time {time.time() - started:.0f} s, CPU time {time.process_time() - cpu_started:.0f} s "
+          f"(torch threads: {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":
