@@ -37,6 +37,7 @@ __all__ = [
     "describe_output",
     "check_forward_signature",
     "keywords_only",
+    "takes_modalities_by_name",
     "ModelCall",
     "module_device",
     "move_batch",
@@ -218,12 +219,43 @@ def keywords_only(model: Callable[..., Any]) -> bool:
     return not any(p.kind in positional for p in params) and any(p.kind in keyword for p in params)
 
 
+def takes_modalities_by_name(model: Callable[..., Any], names: Sequence[str]) -> bool:
+    """True when ``model(**{name: tensor})`` binds to the forward: keywords only (``forward(self,
+    **inputs)``), or every modality name is a parameter of the forward and every required
+    parameter is a modality (``forward(self, audio, image)``)."""
+    if keywords_only(model):
+        return True
+    fn = model.forward if isinstance(model, nn.Module) else model
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    kind = inspect.Parameter
+    by_name = {p.name for p in params if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)}
+    var_keyword = any(p.kind is kind.VAR_KEYWORD for p in params)
+    required = {p.name for p in params if p.default is kind.empty
+                and p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)}
+    if not names or not required <= set(names):
+        return False
+    return all(n in by_name for n in names) or (var_keyword and bool(set(names) & by_name))
+
+
 def call_model(model: Callable[..., Any], inputs: Inputs, call: Optional[ModelCall] = None) -> Any:
     """Run ``model`` on an input dict: ``call(model, inputs)`` when given, else ``model(**inputs)``
-    for a forward that takes the modalities as keywords only, else ``model(inputs)``."""
+    when the forward takes the modalities by name (``forward(self, audio, image)`` or
+    ``forward(self, **inputs)``), else ``model(inputs)``.
+
+    Example::
+
+        >>> class Net(nn.Module):
+        ...     def forward(self, audio, image):
+        ...         return audio + image
+        >>> call_model(Net(), {"audio": torch.ones(1), "image": torch.ones(1)})
+        tensor([2.])
+    """
     if call is not None:
         return call(model, inputs)
-    return model(**inputs) if keywords_only(model) else model(inputs)
+    return model(**inputs) if takes_modalities_by_name(model, list(inputs)) else model(inputs)
 
 
 def logits_of(

@@ -123,3 +123,28 @@ def test_runtime_sits_at_the_bottom():
     allowed = {"crmt_plugin.errors", "crmt_plugin._optional"}
     assert graph["crmt_plugin._runtime"] <= allowed, graph["crmt_plugin._runtime"]
     assert graph["crmt_plugin.errors"] == set()
+
+
+def test_call_model_binds_modalities_by_name():
+    import torch
+    from torch import nn
+
+    from crmt_plugin._runtime import call_model
+
+    class Named(nn.Module):
+        def forward(self, audio, image):
+            return audio - image
+
+    class Dict(nn.Module):
+        def forward(self, inputs):
+            return inputs["audio"] - inputs["image"]
+
+    class Keywords(nn.Module):
+        def forward(self, **inputs):
+            return inputs["audio"] - inputs["image"]
+
+    batch = {"audio": torch.full((2,), 3.0), "image": torch.ones(2)}
+    for model in (Named(), Dict(), Keywords()):
+        assert torch.equal(call_model(model, batch), torch.full((2,), 2.0)), type(model).__name__
+    swapped = {"image": torch.ones(2), "audio": torch.full((2,), 3.0)}  # order of the dict does not matter
+    assert torch.equal(call_model(Named(), swapped), torch.full((2,), 2.0))

@@ -45,7 +45,7 @@ def test_call_option_gives_the_same_numbers_as_the_plain_model():
     report = modality_report(wrapped, loader, radius=0.5, attack="fast", call=call)
     reference = modality_report(wrapped.inner, loader, radius=0.5, attack="fast")
     assert report.per_modality == reference.per_modality
-    with pytest.raises(TypeError):  # without call= the model cannot be called with a dict
+    with pytest.raises(CRMTError, match="output="):  # without call= its tuple output is refused, with the fix
         evaluate_robustness(wrapped, loader, "fast", radii=[0.5])
     with pytest.raises(CRMTError, match="call must be"):
         evaluate_robustness(wrapped, loader, None, call="audio")
