@@ -325,7 +325,7 @@ class Attack:
         eval_mode: run the model in eval mode (default) and restore every submodule's ``training``
             flag afterwards; ``False`` keeps the current mode.
         call: how to call the model, ``call(model, inputs) -> output`` (default ``model(inputs)``, or
-            ``model(**inputs)`` for a keywords-only forward); the output is logits (B, K) or has ``.logits``.
+            ``model(**inputs)`` when the forward names the modalities); the output is logits (B, K) or has ``.logits``.
 
     ``attack.replace(**changes)`` gives a copy with some settings changed; ``attack.label`` is a short
     name for tables (``"PGD-l2"``).
