@@ -118,3 +118,20 @@ def exact_distance(crmt, model, x, y):
     norms = (jac[y][:, None, :] - jac[None]).norm(dim=-1)
     is_label = F.one_hot(y, logits.shape[1]).bool()
     return torch.where(is_label, torch.tensor(math.inf, dtype=torch.float64), margins / norms).amin(1).clamp_min(0)
+
+
+def trained_cnn(steps: int = 15, seed: int = 0):
+    """A CRMT-wrapped :func:`cnn_model` (K = 5) trained ``steps`` Adam steps on three fixed batches;
+    returns ``(crmt, batches)``."""
+    torch.manual_seed(seed)
+    model = cnn_model(num_classes=5, seed=seed)
+    crmt = CRMTWrapper(model, head="fusion.fc", modalities=model.widths)
+    opt = torch.optim.Adam(crmt.parameters(), lr=1e-2)
+    data = [cnn_batch(batch=32, seed=s) for s in range(3)]
+    for step in range(steps):
+        inputs, y = data[step % 3]
+        loss = crmt_loss(crmt(inputs), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return crmt, data

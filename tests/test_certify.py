@@ -7,10 +7,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crmt_plugin import CRMTError, CRMTWrapper, LipschitzConstants, crmt_loss
+from crmt_plugin import CRMTError, CRMTWrapper, LipschitzConstants
 from crmt_plugin.lipschitz import _unimodal_input_gradient_norms
 
 from conftest import cnn_batch, cnn_model, linear_model
+from helpers import trained_cnn
 
 
 def linear_setup(num_modalities, num_classes, in_dim, width, seed, batch=16):
@@ -164,19 +165,6 @@ def test_certified_accuracy_curve():
     assert curve[0] >= curve[1] >= curve[2] == 0
 
 
-def trained_cnn(steps=15, seed=0):
-    torch.manual_seed(seed)
-    model = cnn_model(num_classes=5, seed=seed)
-    crmt = CRMTWrapper(model, head="fusion.fc", modalities=model.widths)
-    opt = torch.optim.Adam(crmt.parameters(), lr=1e-2)
-    data = [cnn_batch(batch=32, seed=s) for s in range(3)]
-    for step in range(steps):
-        inputs, y = data[step % 3]
-        loss = crmt_loss(crmt(inputs), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return crmt, data
 
 
 # step-2 tests (fit_integration) live in tests/test_integration.py

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import crmt_plugin
-from crmt_plugin import CRMTError, CRMTWrapper, LipschitzConstants, crmt_loss
+from crmt_plugin import CRMTError, CRMTWrapper, LipschitzConstants
 from crmt_plugin.integration import OBJECTIVES
 from crmt_plugin.models import LateFusionNet
 
-from conftest import cnn_batch, cnn_model
+from helpers import trained_cnn
 
 K = 4
 LIP = {"p": 1.0, "q": 1.0}
@@ -217,19 +217,6 @@ def test_non_finite_validation_data_is_refused():
 # -- moved from test_certify.py: the guarantees on a small CNN ----------------------------------------
 
 
-def trained_cnn(steps=15, seed=0):
-    torch.manual_seed(seed)
-    model = cnn_model(num_classes=5, seed=seed)
-    crmt = CRMTWrapper(model, head="fusion.fc", modalities=model.widths)
-    opt = torch.optim.Adam(crmt.parameters(), lr=1e-2)
-    data = [cnn_batch(batch=32, seed=s) for s in range(3)]
-    for step in range(steps):
-        inputs, y = data[step % 3]
-        loss = crmt_loss(crmt(inputs), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return crmt, data
 
 
 @pytest.mark.parametrize("declared", [False, True])
