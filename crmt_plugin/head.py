@@ -7,7 +7,8 @@
   so the map is smooth). When K > d_m orthonormal rows are impossible: the rows are only normalised
   to unit length (``orthonormal_rows[m]`` is False and the tighter certificate is not used).
 * ``a^(m)`` (K,) are the class-wise integration weights, kept non-negative by a softplus:
-  ``a = softplus(alpha)``.
+  ``a = softplus(alpha)``; with ``shared_scale=True``, ``a = exp(g * tau) * softplus(alpha)``, one
+  learnable log-scale ``tau`` shared by every modality and class (see :class:`CRMTHead`).
 * ``b`` (K,) is the shared bias.
 
 W~ is computed once per parameter update, not once per call: the head caches the QR factors of each
@@ -182,6 +183,25 @@ class CRMTHead(nn.Module):
     Parameters are ``directions.<name>`` (V^(m), (K, d_m)), ``integration.<name>`` (alpha^(m),
     (K,), a = softplus(alpha)) and ``bias`` (K,); a head built from a bias-free linear keeps a zero
     ``bias`` buffer instead.
+
+    **Shared scale** (``shared_scale=True``, off by default): one more scalar parameter ``log_scale``
+    (tau, starting at 0) and a = exp(scale_gain * tau) * softplus(alpha). A plain linear head can grow
+    the scale of its logits fast (Adam moves each of its K * sum_m d_m weights by about lr per step);
+    the CRMT head keeps that scale in only M * K integration weights, so under Adam its fused logits
+    stay 2-3x smaller. That is harmless for cross-entropy alone, but it weakens every term that
+    depends on the logit scale: TRADES' KL and the training attacks of PGD-AT (measured in
+    docs/method.md, "CRMT-AT and CRMT-TRADES"). tau moves every a^(m) together, so the scale is free
+    while the ratios between modalities, which decide the modality preference CRMT removes, move no
+    faster than before. ``scale_gain`` (default 10) is the speed-up under Adam, whose step on tau is
+    about lr whatever the gradient; under plain SGD the step grows with ``scale_gain ** 2``: use
+    ``scale_gain=1`` there. The scale is part of a: certificates, step 2 (which changes alpha only,
+    tau stays) and :meth:`~crmt_plugin.CRMTWrapper.export` all see the same function.
+
+        >>> head = CRMTHead({"audio": 5, "image": 3}, 4, shared_scale=True)
+        >>> with torch.no_grad():
+        ...     _ = head.log_scale.fill_(0.1)                   # exp(10 * 0.1) = e
+        >>> bool(torch.allclose(head.integration_weights(), 0.1 * torch.e * torch.ones(2, 4)))
+        True
     """
 
     def __init__(
@@ -192,6 +212,8 @@ class CRMTHead(nn.Module):
         bias: bool = True,
         integration_init: float = 0.1,
         orthonormal: bool = True,
+        shared_scale: bool = False,
+        scale_gain: float = 10.0,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
     ) -> None:
@@ -211,6 +233,9 @@ class CRMTHead(nn.Module):
                 raise CRMTError(f"feature width of modality {name!r} must be a positive int, got {width!r}")
         if integration_init <= 0:
             raise CRMTError(f"integration_init must be > 0, got {integration_init}")
+        number = isinstance(scale_gain, (int, float)) and not isinstance(scale_gain, bool)
+        if not number or not 0 < scale_gain < float("inf"):
+            raise CRMTError(f"scale_gain must be a finite number > 0, got {scale_gain!r}")
         self.widths: "OrderedDict[str, int]" = OrderedDict(modalities)
         self.num_classes = int(num_classes)
         self.orthonormal = bool(orthonormal)
@@ -233,6 +258,8 @@ class CRMTHead(nn.Module):
             self.bias = nn.Parameter(torch.zeros(num_classes, **kw))
         else:
             self.register_buffer("bias", torch.zeros(num_classes, **kw))
+        self.scale_gain = float(scale_gain)
+        self.log_scale: Optional[nn.Parameter] = nn.Parameter(torch.zeros((), **kw)) if shared_scale else None
         self._last: Optional[Dict[str, Dict[str, Tensor]]] = None
         self.cache_directions = True
         self._factors: Dict[str, _Factors] = {}
@@ -247,6 +274,8 @@ class CRMTHead(nn.Module):
         *,
         integration_init: Optional[float] = None,
         orthonormal: bool = True,
+        shared_scale: bool = False,
+        scale_gain: float = 10.0,
     ) -> "CRMTHead":
         """The CRMT head closest to a trained joint-training head.
 
@@ -256,6 +285,7 @@ class CRMTHead(nn.Module):
         ``b`` is copied. With ``integration_init`` given, every a is set to that value instead.
         ``orthonormal=False`` keeps unit-norm rows for every modality: W~ = row-normalised W and
         a = row norms reproduce the linear head exactly (to certify a trained JT model as it is).
+        ``shared_scale`` / ``scale_gain``: see the class; the shared scale starts at 1 (tau = 0).
         """
         weight = linear.weight.detach()
         head = cls(
@@ -264,6 +294,8 @@ class CRMTHead(nn.Module):
             bias=linear.bias is not None,
             integration_init=integration_init or 0.1,
             orthonormal=orthonormal,
+            shared_scale=shared_scale,
+            scale_gain=scale_gain,
             dtype=weight.dtype,
             device=weight.device,
         )
@@ -380,8 +412,16 @@ class CRMTHead(nn.Module):
         return state
 
     def integration_weights(self) -> Tensor:
-        """a (M, K), non-negative, rows in modality order."""
-        return F.softplus(torch.stack([self.integration[name] for name in self.widths]))
+        """a (M, K), non-negative, rows in modality order: softplus(alpha), times the shared scale
+        (:meth:`shared_scale_factor`) when the head has one."""
+        a = F.softplus(torch.stack([self.integration[name] for name in self.widths]))
+        return a if self.log_scale is None else a * self.shared_scale_factor()
+
+    def shared_scale_factor(self) -> Tensor:
+        """exp(scale_gain * tau), a scalar tensor (1 without a shared scale)."""
+        if self.log_scale is None:
+            return torch.ones((), dtype=self.bias.dtype, device=self.bias.device)
+        return torch.exp(self.scale_gain * self.log_scale)
 
     def fused_weight(self) -> Tensor:
         """The equivalent plain weight (K, sum_m d_m): concat_m a^(m)[:, None] * W~^(m)."""
@@ -428,4 +468,5 @@ class CRMTHead(nn.Module):
         return last
 
     def extra_repr(self) -> str:
-        return f"modalities={dict(self.widths)}, num_classes={self.num_classes}, orthonormal={self.orthonormal}"
+        scale = f", shared_scale=True, scale_gain={self.scale_gain:g}" if self.log_scale is not None else ""
+        return f"modalities={dict(self.widths)}, num_classes={self.num_classes}, orthonormal={self.orthonormal}{scale}"

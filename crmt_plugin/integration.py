@@ -352,6 +352,10 @@ def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, 
     selected_on = "val" if val is not None else "train"
     original = {n: head.integration[n].detach().clone() for n in crmt.modalities}
     alpha = torch.stack([original[n] for n in crmt.modalities]).double().requires_grad_(True)
+    shared = head.shared_scale_factor().detach().double()  # a = shared * softplus(alpha); tau stays
+
+    def weights_of(alpha_now: Tensor) -> Tensor:
+        return shared * F.softplus(alpha_now)
     opt = optimizer([alpha]) if optimizer is not None else torch.optim.Adam([alpha], lr=lr)
     names = crmt.modalities
 
@@ -359,7 +363,7 @@ def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, 
         """Global (mean components, accuracy, missing accuracy) per split."""
         result = {}
         with torch.no_grad():
-            a = F.softplus(alpha_now)
+            a = weights_of(alpha_now)
             for key, split in splits.items():
                 sums, correct, missing = split.components(a)
                 reduced = all_reduce_sum(torch.cat([sums, correct.unsqueeze(0), missing])) / split.n
@@ -406,7 +410,7 @@ def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, 
         chunks = torch.randperm(z.shape[0], generator=generator).to(z.device).split(batch_size)
         for step in range(steps):
             index = chunks[step] if step < len(chunks) else torch.zeros(0, dtype=torch.long, device=z.device)
-            sums, _, _ = train.components(F.softplus(alpha), index)
+            sums, _, _ = train.components(weights_of(alpha), index)
             count = all_reduce_sum(torch.tensor(float(index.numel()), dtype=torch.float64, device=z.device))
             means = all_reduce_sum(sums.detach()) / count.clamp_min(1)
             # d f / d (mean components) at the global batch means, then one local backward of

@@ -173,6 +173,8 @@ class CRMTWrapper(nn.Module):
             reproduce the existing head exactly — to certify or evaluate a trained joint-training
             model as it is, on equal terms with CRMT (certificates stay sound: they use the Gram
             matrix of the actual rows).
+        shared_scale, scale_gain: one learnable scale shared by all a^(m) (off by default; turn it on
+            for PGD-AT and TRADES under Adam, see :class:`~crmt_plugin.head.CRMTHead`).
         check_finite: raise :class:`CRMTError` when a training forward (train mode, grad enabled)
             sees NaN/Inf inputs or produces NaN/Inf logits (one host sync per step; one graph break
             under ``torch.compile``: turn it off for ``fullgraph=True``). Inference forwards are never
@@ -190,6 +192,8 @@ class CRMTWrapper(nn.Module):
         call: Optional[Callable[[nn.Module, Inputs], Any]] = None,
         integration_init: Optional[float] = None,
         orthonormal: bool = True,
+        shared_scale: bool = False,
+        scale_gain: float = 10.0,
         check_finite: bool = True,
     ) -> None:
         super().__init__()
@@ -221,11 +225,12 @@ class CRMTWrapper(nn.Module):
         report: Optional[StructureReport] = None
         if head is None:
             head, report = self._discover_head(model, example)
+        head_options = {"integration_init": integration_init, "orthonormal": orthonormal,
+                        "shared_scale": shared_scale, "scale_gain": scale_gain}
         if isinstance(head, Mapping):
-            crmt_head, report = self._wrap_sum(model, head, modalities, example, report, integration_init, orthonormal)
+            crmt_head, report = self._wrap_sum(model, head, modalities, example, report, head_options)
         else:
-            crmt_head, report = self._wrap_concat(model, head, modalities, example, report, integration_init,
-                                                  orthonormal)
+            crmt_head, report = self._wrap_concat(model, head, modalities, example, report, head_options)
         self.model = model
         self.head_path = head if isinstance(head, str) else dict(head)
         self.check_finite = check_finite
@@ -317,7 +322,7 @@ class CRMTWrapper(nn.Module):
             "with output= if the model returns a tuple or dict"
         )
 
-    def _wrap_concat(self, model, head, modalities, example, report, integration_init, orthonormal):
+    def _wrap_concat(self, model, head, modalities, example, report, head_options):
         linear = _linear_at(model, head)
         if example is not None:
             self._check_output_is(model, [linear], example, f"the output of head {head!r}")
@@ -333,15 +338,14 @@ class CRMTWrapper(nn.Module):
             )
         if report is not None:
             check_concatenated(report, head, modalities)
-        crmt_head = CRMTHead.from_linear(linear, modalities, integration_init=integration_init,
-                                         orthonormal=orthonormal)
+        crmt_head = CRMTHead.from_linear(linear, modalities, **head_options)
         parent, attr, _ = _resolve(model, head)
         setattr(parent, attr, crmt_head)
         self._shares: Optional[Dict[str, str]] = None
         self._head_location = head
         return crmt_head, report
 
-    def _wrap_sum(self, model, head, modalities, example, report, integration_init, orthonormal):
+    def _wrap_sum(self, model, head, modalities, example, report, head_options):
         if not head:
             raise CRMTError("head mapping is empty: give {modality: dotted path of its nn.Linear(d_m, K)}")
         paths = {str(n): p for n, p in head.items()}
@@ -373,7 +377,7 @@ class CRMTWrapper(nn.Module):
             virtual.weight.copy_(weight)
             if virtual.bias is not None:
                 virtual.bias.copy_(sum(lin.bias.detach() for lin in linears.values() if lin.bias is not None))
-        crmt_head = CRMTHead.from_linear(virtual, widths, integration_init=integration_init, orthonormal=orthonormal)
+        crmt_head = CRMTHead.from_linear(virtual, widths, **head_options)
         carrier = next((n for n in paths if has_bias[n]), None)
         for i, (n, p) in enumerate(paths.items()):
             share = SummedHeadShare(crmt_head, n, owner=(i == 0), carries_bias=(n == carrier), has_bias=has_bias[n])

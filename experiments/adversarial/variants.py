@@ -36,14 +36,17 @@ from crmt_plugin.benchmark.data import batch_list, batches, load_npz  # noqa: E4
 from crmt_plugin.benchmark.recipes import accuracy, new_model  # noqa: E402
 
 LOSS_MD5 = __import__("hashlib").md5(open(crmt_plugin.loss.__file__, "rb").read()).hexdigest()[:8]
-DATA = {"av": 1.5, "mor-fac": 2.0, "fou-zer": 1.5, "pix-fac": 3.0}  # radius (experiments/method/results)
+DATA = {"av": 1.5, "mor-fac": 2.0, "fou-zer": 1.5, "pix-fac": 3.0,  # radius (experiments/method/results)
+        "av-noisy": 1.13, "fou-kar-mor": 1.97}  # the matrix radii (docs/results.md)
 
 # name -> knobs. base: at | trades; head: plain | crmt; rho: None = library default;
 # margin_on: adv | clean | both (crmt only); attack: loss of the training attack;
 # kl_temp: TRADES KL on logits / T; step2: run fit_integration.
 BASE = dict(base="trades", head="crmt", rho=None, margin_on="adv", attack=None, step2=True, kl_temp=None,
-            kl_norm=None, beta=6.0, ukl=0.0, a_lr=1.0, penalty=None)
+            kl_norm=None, beta=6.0, ukl=0.0, a_lr=1.0, penalty=None, gscale=0.0)
 VARIANTS = {
+    "jt": dict(base="jt", head="plain", attack="ce"),
+    "crmt-jt": dict(base="jt", attack="ce"),
     "pgd-at": dict(base="at", head="plain", attack="ce"),
     "crmt-at": dict(base="at", attack="ce"),
     "crmt-at-dlr": dict(base="at", attack="dlr"),
@@ -72,7 +75,7 @@ def parse_variant(name):
         old = knobs[key]
         if isinstance(old, bool):
             knobs[key] = value not in ("0", "false", "False")
-        elif key in ("rho", "kl_temp", "kl_norm", "beta", "ukl", "a_lr"):
+        elif key in ("rho", "kl_temp", "kl_norm", "beta", "ukl", "a_lr", "gscale"):
             knobs[key] = None if value == "none" else float(value)
         else:
             knobs[key] = value
@@ -95,6 +98,26 @@ def make_attack(knobs, eps, steps, gen):
     return attacks.PGD(eps, norm="l2", steps=steps, generator=gen, loss=loss)
 
 
+def add_shared_scale(head, gain):
+    """a -> exp(gain * tau) * softplus(alpha): one learnable scale shared by every modality and class."""
+    head.log_scale = torch.nn.Parameter(torch.zeros(()))
+    plain = head.integration_weights
+
+    def scaled():
+        return plain() * torch.exp(gain * head.log_scale)
+
+    head.integration_weights = scaled
+
+
+def fold_shared_scale(head):
+    """alpha <- softplus^-1(exp(gain tau) softplus(alpha)), tau <- 0: the same function, scale in a."""
+    with torch.no_grad():
+        a = head.integration_weights().detach()
+        head.log_scale.zero_()
+        for i, name in enumerate(head.widths):
+            head.integration[name].copy_(a[i] + torch.log(-torch.expm1(-a[i])))
+
+
 def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
     beta = knobs["beta"]
     torch.manual_seed(seed)
@@ -102,6 +125,8 @@ def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
     crmt = None
     if knobs["head"] == "crmt":
         crmt = crmt_plugin.CRMTWrapper(model, head="fusion", modalities=model.feature_dims)
+        if knobs["gscale"]:
+            add_shared_scale(crmt.head, knobs["gscale"])
     a_params = [p for n, p in model.named_parameters() if "integration" in n]
     rest = [p for n, p in model.named_parameters() if "integration" not in n]
     groups = [{"params": rest}] + ([{"params": a_params, "lr": 1e-3 * knobs["a_lr"]}] if a_params else [])
@@ -119,6 +144,10 @@ def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
         return crmt_plugin.margin_loss(out, y, **pen_kw)
 
     def step_loss(x, y):
+        if knobs["base"] == "jt":
+            if crmt is None:
+                return F.cross_entropy(model(**x), y)
+            return crmt_plugin.crmt_loss(crmt(x), y, **rho_kw, **pen_kw)
         if knobs["base"] == "at":
             adv = attack(model, x, y)
             if crmt is None:
@@ -172,6 +201,8 @@ def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
     if crmt is not None:
         a = crmt.head.integration_weights().detach().mean(1)
         diag.update({f"a:{m}": float(v) for m, v in zip(crmt.modalities, a)})
+    if crmt is not None and knobs["gscale"]:
+        fold_shared_scale(crmt.head)
     if crmt is not None and knobs["step2"]:
         loader, vloader = batch_list(tx, ty), batch_list(vx, vy)
         lip = crmt.estimate_lipschitz(loader)
