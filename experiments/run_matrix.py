@@ -132,8 +132,8 @@ def write_pages(args: argparse.Namespace) -> str:
                  f"{len(finished)} of {len(ORDER)} data sets finished. Time: {span / 60:.0f} min wall clock from the "
                  f"first start to the last finish, several data sets at a time (one process and one torch thread "
                  f"each); {total / 60:.0f} min wall and {cpu / 60:.0f} min CPU summed over data sets. Machine: "
-                 f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other agents' work (load average "
-                 "10-12 during the run, so wall times are several times the CPU times). Do not edit by hand.")
+                 f"{platform.machine()}, {os.cpu_count()} CPU cores (wall times depend on what else ran on the "
+                 "machine meanwhile, the CPU times do not). Do not edit by hand.")
     lines += ["", "**Protocol** (`crmt-benchmark` defaults unless noted): methods "
               f"`{args.methods}`, seeds {' '.join(map(str, args.seeds))}; every method trains the same model "
               "(an encoder per modality chosen by the array's shape, BatchNorm, one linear fusion head; sizes by "
