@@ -57,6 +57,7 @@ DESCRIPTION = {
     "nutrimouse": "Nutrimouse diet: genes (120) + lipids (21), 40 mice - too small to conclude",
 }
 TINY = ("nutrimouse",)
+NOTES = os.path.join(HERE, "matrix_notes.md")  # hand-written reasons for the losses, copied into the page
 PAIRS = (("jt", "crmt-jt"), ("pgd-at", "crmt-at"), ("trades", "crmt-trades"), ("mixup", "crmt-mix"),
          ("paper-crmt-jt", "crmt-jt"))
 
@@ -194,6 +195,9 @@ def write_pages(args: argparse.Namespace) -> str:
     else:
         lines.append("No model where the gradient-free attack found markedly (≥ 3 points) more errors than the "
                      "gradient attacks.")
+    if os.path.exists(NOTES):
+        with open(NOTES) as f:
+            lines += ["", f.read().rstrip()]
     lines += ["", "## Data sets", ""]
     for name, results in finished.items():
         lines.append(f"* [{name}](results/{name}.md): {DESCRIPTION.get(name, '')}; radius {results['radius']:g}; "
