@@ -43,7 +43,7 @@ DATA = {"av": 1.5, "mor-fac": 2.0, "fou-zer": 1.5, "pix-fac": 3.0,  # radius (ex
 # margin_on: adv | clean | both (crmt only); attack: loss of the training attack;
 # kl_temp: TRADES KL on logits / T; step2: run fit_integration.
 BASE = dict(base="trades", head="crmt", rho=None, margin_on="adv", attack=None, step2=True, kl_temp=None,
-            kl_norm=None, beta=6.0, ukl=0.0, a_lr=1.0, penalty=None, gscale=0.0)
+            kl_norm=None, beta=6.0, ukl=0.0, a_lr=1.0, penalty=None, gscale=0.0, sdecay=0.0)
 VARIANTS = {
     "jt": dict(base="jt", head="plain", attack="ce"),
     "crmt-jt": dict(base="jt", attack="ce"),
@@ -75,7 +75,7 @@ def parse_variant(name):
         old = knobs[key]
         if isinstance(old, bool):
             knobs[key] = value not in ("0", "false", "False")
-        elif key in ("rho", "kl_temp", "kl_norm", "beta", "ukl", "a_lr", "gscale"):
+        elif key in ("rho", "kl_temp", "kl_norm", "beta", "ukl", "a_lr", "gscale", "sdecay"):
             knobs[key] = None if value == "none" else float(value)
         else:
             knobs[key] = value
@@ -190,6 +190,10 @@ def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
             loss = step_loss(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if knobs["sdecay"] and crmt is not None:  # the decay a plain head gets: d/dtau of (wd/2) ||a W~||^2
+                with torch.no_grad():
+                    a = crmt.head.integration_weights()
+                    crmt.head.log_scale.grad += knobs["sdecay"] * 1e-4 * knobs["gscale"] * a.square().sum()
             opt.step()
         val = accuracy(model, vx, vy)
         if val > best:
