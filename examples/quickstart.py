@@ -1,6 +1,6 @@
 """Quickstart: joint training (JT) vs CRMT-JT on real audio-visual digits, robustness table and plot.
 
-    python examples/quickstart.py                 # about 10 min on 2 idle CPU cores (mostly evaluation)
+    python examples/quickstart.py                 # 7.6 min on 2 idle CPU cores (measured; mostly evaluation)
     python examples/quickstart.py --epochs 4      # faster, a little less accurate
 
 Trains the same late-fusion network (spoken digit MFCCs + handwritten digit image) twice, with the
