@@ -120,13 +120,13 @@ def exact_distance(crmt, model, x, y):
     return torch.where(is_label, torch.tensor(math.inf, dtype=torch.float64), margins / norms).amin(1).clamp_min(0)
 
 
-def trained_cnn(steps: int = 15, seed: int = 0, **wrapper_kwargs):
-    """A CRMT-wrapped :func:`cnn_model` (K = 5) trained ``steps`` Adam steps on three fixed batches;
-    returns ``(crmt, batches)``. ``wrapper_kwargs`` go to :class:`CRMTWrapper`."""
+def trained_cnn(steps: int = 15, seed: int = 0, lr: float = 1e-2, **wrapper_kwargs):
+    """A CRMT-wrapped :func:`cnn_model` (K = 5) trained ``steps`` Adam steps (learning rate ``lr``) on
+    three fixed batches; returns ``(crmt, batches)``. ``wrapper_kwargs`` go to :class:`CRMTWrapper`."""
     torch.manual_seed(seed)
     model = cnn_model(num_classes=5, seed=seed)
     crmt = CRMTWrapper(model, head="fusion.fc", modalities=model.widths, **wrapper_kwargs)
-    opt = torch.optim.Adam(crmt.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(crmt.parameters(), lr=lr)
     data = [cnn_batch(batch=32, seed=s) for s in range(3)]
     for step in range(steps):
         inputs, y = data[step % 3]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from crmt_plugin import CRMTError, CRMTWrapper, crmt_loss
 from crmt_plugin.head import CRMTHead
 
-from helpers import cnn_batch, cnn_model, linear_model, trained_cnn
+from helpers import linear_model, trained_cnn
 
 
 def test_off_by_default_and_the_state_dict_is_unchanged():
@@ -107,18 +107,8 @@ def test_certificates_and_step_2_see_the_scaled_a():
 
 
 def fused_logit_std(shared_scale, steps=300, seed=0):
-    """Adam on a learnable 2-modality problem; the std over classes of the fused logits after it."""
-    torch.manual_seed(seed)
-    model = cnn_model(num_classes=5, seed=seed)
-    crmt = CRMTWrapper(model, head="fusion.fc", modalities=model.widths, shared_scale=shared_scale)
-    opt = torch.optim.Adam(crmt.parameters(), lr=1e-3)
-    data = [cnn_batch(batch=32, seed=s) for s in range(3)]
-    for step in range(steps):
-        inputs, y = data[step % 3]
-        loss = crmt_loss(crmt(inputs), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    """Adam (lr 1e-3) on a learnable 2-modality problem; the std over classes of the fused logits after it."""
+    crmt, data = trained_cnn(steps=steps, seed=seed, lr=1e-3, shared_scale=shared_scale)
     crmt.eval()
     with torch.no_grad():
         return float(torch.cat([crmt(x).logits for x, _ in data]).std(1).mean())
