@@ -118,3 +118,27 @@ def test_under_adam_the_fused_logits_grow_faster_with_the_shared_scale():
     # measured (seeds 0, 1): 0.52 -> 2.66 and 0.66 -> 2.80 after 300 steps
     plain, scaled = fused_logit_std(False), fused_logit_std(True)
     assert scaled > 2.5 * plain, (plain, scaled)
+
+
+class TwoHeads(torch.nn.Module):
+    """logits = audio_head(audio) + image_head(image): a sum of per-modality heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio_head = torch.nn.Linear(5, 4).double()
+        self.image_head = torch.nn.Linear(3, 4).double()
+
+    def forward(self, audio, image):
+        return self.audio_head(audio) + self.image_head(image)
+
+
+def test_sum_of_heads_carries_the_shared_scale_into_the_export():
+    torch.manual_seed(0)
+    crmt = CRMTWrapper(TwoHeads(), head={"audio": "audio_head", "image": "image_head"}, shared_scale=True)
+    assert sum(n.endswith("log_scale") for n, _ in crmt.named_parameters()) == 1  # held once, by the owner
+    with torch.no_grad():
+        crmt.head.log_scale.fill_(-0.07)
+    x = {"audio": torch.randn(6, 5, dtype=torch.float64), "image": torch.randn(6, 3, dtype=torch.float64)}
+    logits = crmt(x).logits
+    torch.testing.assert_close(crmt.model(**x), logits)
+    torch.testing.assert_close(crmt.export()(**x), logits)
