@@ -98,35 +98,14 @@ def make_attack(knobs, eps, steps, gen):
     return attacks.PGD(eps, norm="l2", steps=steps, generator=gen, loss=loss)
 
 
-def add_shared_scale(head, gain):
-    """a -> exp(gain * tau) * softplus(alpha): one learnable scale shared by every modality and class."""
-    head.log_scale = torch.nn.Parameter(torch.zeros(()))
-    plain = head.integration_weights
-
-    def scaled():
-        return plain() * torch.exp(gain * head.log_scale)
-
-    head.integration_weights = scaled
-
-
-def fold_shared_scale(head):
-    """alpha <- softplus^-1(exp(gain tau) softplus(alpha)), tau <- 0: the same function, scale in a."""
-    with torch.no_grad():
-        a = head.integration_weights().detach()
-        head.log_scale.zero_()
-        for i, name in enumerate(head.widths):
-            head.integration[name].copy_(a[i] + torch.log(-torch.expm1(-a[i])))
-
-
 def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
     beta = knobs["beta"]
     torch.manual_seed(seed)
     model = new_model(data)
     crmt = None
     if knobs["head"] == "crmt":
-        crmt = crmt_plugin.CRMTWrapper(model, head="fusion", modalities=model.feature_dims)
-        if knobs["gscale"]:
-            add_shared_scale(crmt.head, knobs["gscale"])
+        scale = {"shared_scale": True, "scale_gain": knobs["gscale"]} if knobs["gscale"] else {}
+        crmt = crmt_plugin.CRMTWrapper(model, head="fusion", modalities=model.feature_dims, **scale)
     a_params = [p for n, p in model.named_parameters() if "integration" in n]
     rest = [p for n, p in model.named_parameters() if "integration" not in n]
     groups = [{"params": rest}] + ([{"params": a_params, "lr": 1e-3 * knobs["a_lr"]}] if a_params else [])
@@ -205,8 +184,6 @@ def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
     if crmt is not None:
         a = crmt.head.integration_weights().detach().mean(1)
         diag.update({f"a:{m}": float(v) for m, v in zip(crmt.modalities, a)})
-    if crmt is not None and knobs["gscale"]:
-        fold_shared_scale(crmt.head)
     if crmt is not None and knobs["step2"]:
         loader, vloader = batch_list(tx, ty), batch_list(vx, vy)
         lip = crmt.estimate_lipschitz(loader)
