@@ -173,10 +173,11 @@ class CRMTWrapper(nn.Module):
             reproduce the existing head exactly — to certify or evaluate a trained joint-training
             model as it is, on equal terms with CRMT (certificates stay sound: they use the Gram
             matrix of the actual rows).
-        shared_scale, scale_gain: one learnable scale shared by all a^(m) (off by default). For
-            PGD-AT / TRADES under Adam when the CRMT model's logits stay well below a plain head's:
-            it won both AV sets of the benchmark by 9-11 points and lost up to 1.1 on the mfeat sets
-            (see :class:`~crmt_plugin.head.CRMTHead` and docs/method.md).
+        shared_scale, scale_gain: one learnable scale shared by all a^(m), a = exp(scale_gain * tau)
+            softplus(alpha) (on by default, gain 1): without it the CRMT head's logits grow slower
+            than a plain head's under Adam and it can underfit (see
+            :class:`~crmt_plugin.head.CRMTHead` and docs/method.md, "The shared scale").
+            ``shared_scale=False`` is the paper's parametrisation (a = softplus(alpha) only).
         check_finite: raise :class:`CRMTError` when a training forward (train mode, grad enabled)
             sees NaN/Inf inputs or produces NaN/Inf logits (one host sync per step; one graph break
             under ``torch.compile``: turn it off for ``fullgraph=True``). Inference forwards are never
@@ -194,8 +195,8 @@ class CRMTWrapper(nn.Module):
         call: Optional[Callable[[nn.Module, Inputs], Any]] = None,
         integration_init: Optional[float] = None,
         orthonormal: bool = True,
-        shared_scale: bool = False,
-        scale_gain: float = 10.0,
+        shared_scale: bool = True,
+        scale_gain: float = 1.0,
         check_finite: bool = True,
     ) -> None:
         super().__init__()

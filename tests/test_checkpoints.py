@@ -52,7 +52,8 @@ def test_state_dict_keys_are_the_models_own_with_the_head_parameters():
     assert keys == ["model." + k for k in crmt.model.state_dict()]
     head_keys = {k for k in keys if k.startswith("model.fusion.fc.")}
     assert head_keys == {"model.fusion.fc." + k for k in
-                         ("directions.audio", "directions.image", "integration.audio", "integration.image", "bias")}
+                         ("directions.audio", "directions.image", "integration.audio", "integration.image", "bias",
+                          "log_scale")}  # log_scale: the shared scale, on by default
     assert {k[len("model."):] for k in keys} - {k[len("model."):] for k in head_keys} == plain_keys - {
         "fusion.fc.weight", "fusion.fc.bias"}
 
