@@ -23,9 +23,9 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, crmt=True)
     run = common.setup(args, "crmt-trades")
     model = run.model
-    # shared_scale: one learnable scale for all a^(m), so the logits can grow as a plain head's do under Adam
-    # (the training attack and TRADES' KL depend on the logit scale; docs/method.md, "CRMT-AT and CRMT-TRADES")
-    crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims, shared_scale=True)
+    # the wrapper's default shared scale (one learnable scale for all a^(m)) lets the logits grow as a plain
+    # head's do under Adam: the training attack and TRADES' KL depend on it (docs/method.md, "The shared scale")
+    crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     attack = run.train_attack(loss=trades_kl_loss)  # PGD maximising the KL to the clean prediction
 

@@ -43,7 +43,8 @@ DATA = {"av": 1.5, "mor-fac": 2.0, "fou-zer": 1.5, "pix-fac": 3.0,  # radius (ex
 # margin_on: adv | clean | both (crmt only); attack: loss of the training attack;
 # kl_temp: TRADES KL on logits / T; step2: run fit_integration.
 BASE = dict(base="trades", head="crmt", rho=None, margin_on="adv", attack=None, step2=True, kl_temp=None,
-            kl_norm=None, beta=6.0, ukl=0.0, a_lr=1.0, penalty=None, gscale=0.0, sdecay=0.0)
+            kl_norm=None, beta=6.0, ukl=0.0, a_lr=1.0, penalty=None, gscale=0.0, sdecay=0.0,
+            margin_target=None)
 VARIANTS = {
     "jt": dict(base="jt", head="plain", attack="ce"),
     "crmt-jt": dict(base="jt", attack="ce"),
@@ -75,7 +76,7 @@ def parse_variant(name):
         old = knobs[key]
         if isinstance(old, bool):
             knobs[key] = value not in ("0", "false", "False")
-        elif key in ("rho", "kl_temp", "kl_norm", "beta", "ukl", "a_lr", "gscale", "sdecay"):
+        elif key in ("rho", "kl_temp", "kl_norm", "beta", "ukl", "a_lr", "gscale", "sdecay", "margin_target"):
             knobs[key] = None if value == "none" else float(value)
         else:
             knobs[key] = value
@@ -104,7 +105,8 @@ def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
     model = new_model(data)
     crmt = None
     if knobs["head"] == "crmt":
-        scale = {"shared_scale": True, "scale_gain": knobs["gscale"]} if knobs["gscale"] else {}
+        # gscale=0: the paper's head, no shared scale (the wrapper's default has it, gain 1)
+        scale = {"shared_scale": True, "scale_gain": knobs["gscale"]} if knobs["gscale"] else {"shared_scale": False}
         crmt = crmt_plugin.CRMTWrapper(model, head="fusion", modalities=model.feature_dims, **scale)
     a_params = [p for n, p in model.named_parameters() if "integration" in n]
     rest = [p for n, p in model.named_parameters() if "integration" not in n]
@@ -118,6 +120,8 @@ def train(knobs, data, seed, epochs, eps, steps=3, batch_size=64):
     rho = knobs["rho"] if knobs["rho"] is not None else getattr(crmt_plugin.loss, "DEFAULT_RHO", 2.0)
 
     pen_kw = {} if knobs["penalty"] is None else {"penalty": knobs["penalty"]}
+    if knobs["margin_target"] is not None:
+        pen_kw["margin_target"] = knobs["margin_target"]
 
     def margin(out, y):
         return crmt_plugin.margin_loss(out, y, **pen_kw)
