@@ -33,7 +33,7 @@ STEP1 = [  # (variant key, description)
     ("perr5", "sigmoid, rho 5"),
     ("lib_hinge0.5", "library hinge, target 1.0, rho 0.5"),
     ("lib_hinge0.25", "library hinge, target 1.0, rho 0.25"),
-    ("lib_hinge0.1", "**library hinge, target 1.0, rho 0.1 (the default)**"),
+    ("lib_hinge0.1", "**library hinge, target 1.0, rho 0.1 (the default until 2026-12-02)**"),
 ]
 
 
