@@ -414,6 +414,21 @@ class CRMTHead(nn.Module):
         state["_factors"] = {}  # weak references do not pickle; the cache is rebuilt on first use
         return state
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a checkpoint with or without the shared scale, loaded into a head of the other kind: say how to wrap
+        key = prefix + "log_scale"
+        has_key = key in state_dict
+        if strict and has_key != (self.log_scale is not None):
+            found = "has" if has_key else "has no"
+            raise CRMTError(
+                f"the checkpoint {found} the shared scale '{key}', the CRMT head expected "
+                f"{'it' if self.log_scale is not None else 'none'}: wrap with "
+                f"CRMTWrapper(..., shared_scale={has_key}) before loading (checkpoints saved before 2026-12-02 "
+                "have no shared scale; the wrapper's default has it)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def integration_weights(self) -> Tensor:
         """a (M, K), non-negative, rows in modality order: softplus(alpha), times the shared scale
         (:meth:`shared_scale_factor`) when the head has one."""

@@ -41,6 +41,22 @@ def test_the_wrapper_has_it_by_default_with_gain_1_and_can_turn_it_off():
     assert off.head.log_scale is None and "fusion.fc.log_scale" not in off.model.state_dict()
 
 
+@pytest.mark.parametrize("saved_with_scale", [False, True])
+def test_a_checkpoint_of_the_other_kind_names_the_fix(saved_with_scale):
+    def model():
+        return linear_model({"audio": 6, "image": 4}, {"audio": 5, "image": 3}, num_classes=4)
+
+    saved = CRMTWrapper(model(), head="fusion.fc", modalities={"audio": 5, "image": 3},
+                        shared_scale=saved_with_scale).state_dict()
+    other = CRMTWrapper(model(), head="fusion.fc", modalities={"audio": 5, "image": 3},
+                        shared_scale=not saved_with_scale)
+    with pytest.raises(CRMTError, match=f"shared_scale={saved_with_scale}"):
+        other.load_state_dict(saved)
+    same = CRMTWrapper(model(), head="fusion.fc", modalities={"audio": 5, "image": 3}, shared_scale=saved_with_scale)
+    same.load_state_dict(saved)  # the matching kind loads
+    torch.testing.assert_close(same.head.integration_weights(), saved_head_a(saved, saved_with_scale))
+
+
 @pytest.mark.parametrize("gain", [0.0, -1.0, math.inf, True, "10"])
 def test_bad_scale_gain_raises(gain):
     with pytest.raises(CRMTError, match="scale_gain"):
@@ -129,6 +145,12 @@ def test_under_adam_the_fused_logits_grow_faster_with_the_shared_scale_and_faste
     # measured (seed 0): 0.52 without the scale, 0.66 with the default gain 1, 2.66 with gain 10 after 300 steps
     plain, default, fast = fused_logit_std(False), fused_logit_std(True), fused_logit_std(True, scale_gain=10.0)
     assert plain < default < fast and fast > 2.5 * plain, (plain, default, fast)
+
+
+def saved_head_a(state, with_scale):
+    """a of the saved head, from its state_dict: softplus(alpha), times exp(tau) with the scale (gain 1)."""
+    a = F.softplus(torch.stack([state[f"model.fusion.fc.integration.{m}"] for m in ("audio", "image")]))
+    return a * torch.exp(state["model.fusion.fc.log_scale"]) if with_scale else a
 
 
 class TwoHeads(torch.nn.Module):
