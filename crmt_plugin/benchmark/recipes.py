@@ -56,7 +56,7 @@ CRMT_METHODS = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix", "paper-crmt-jt"
 ADVERSARIAL = ("pgd-at", "crmt-at", "trades", "crmt-trades")
 # CRMT methods whose head has the shared scale (the CRMTWrapper default, shared_scale=True, scale_gain=1): all
 # but the paper's recipe, which has the paper's a = softplus(alpha) (docs/method.md, "The shared scale")
-SHARED_SCALE = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix")
+SHARED_SCALE = tuple(m for m in CRMT_METHODS if m != "paper-crmt-jt")
 # (baseline, variant): the comparisons of the report
 PAIRS = (("jt", "crmt-jt"), ("pgd-at", "crmt-at"), ("trades", "crmt-trades"), ("mixup", "crmt-mix"),
          ("jt", "paper-crmt-jt"), ("paper-crmt-jt", "crmt-jt"))
