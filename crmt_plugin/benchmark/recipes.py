@@ -80,8 +80,9 @@ class TrainConfig:
     """Step-1 settings shared by every recipe (defaults in brackets).
 
     epochs [30], batch_size [64], lr [1e-3] and weight_decay [1e-4] of Adam; train_eps [1.0] and
-    train_steps [3] of the training PGD; beta [6.0] (TRADES); alpha [1.0] (Mixup); rho, temperature
-    [None: library default] of ``crmt_loss``; integration_epochs [None: library default] of step 2.
+    train_steps [3] of the training PGD; beta [6.0] (TRADES); alpha [1.0] (Mixup); rho, margin,
+    temperature, penalty, margin_target [None: library default] of ``crmt_loss`` (every CRMT method but
+    ``paper-crmt-jt``, which is the paper's formula); integration_epochs [None: library default] of step 2.
     """
 
     epochs: int = 30
@@ -94,15 +95,15 @@ class TrainConfig:
     alpha: float = 1.0
     rho: Optional[float] = None
     temperature: Optional[float] = None
+    margin: Optional[str] = None
+    penalty: Optional[str] = None
+    margin_target: Optional[float] = None
     integration_epochs: Optional[int] = None
 
-    def loss_kwargs(self) -> Dict[str, float]:
-        out: Dict[str, float] = {}
-        if self.rho is not None:
-            out["rho"] = self.rho
-        if self.temperature is not None:
-            out["temperature"] = self.temperature
-        return out
+    def loss_kwargs(self) -> Dict[str, Any]:
+        """The ``crmt_loss`` keywords that differ from the library's defaults."""
+        names = ("rho", "margin", "temperature", "penalty", "margin_target")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 @dataclass
