@@ -270,3 +270,38 @@ def test_loss_flags_reach_crmt_loss_of_every_crmt_recipe_but_the_papers(tmp_path
     with open(tmp_path / "out" / "results.json") as f:
         recorded = json.load(f)["train_config"]
     assert {k: recorded[k] for k in wanted} == wanted
+
+
+@pytest.mark.parametrize("flag, expected", [
+    (None, {"crmt-jt": 0.1, "crmt-mix": 0.1, "crmt-at": None, "crmt-trades": None, "paper-crmt-jt": 0.1}),
+    ("fit", {"crmt-jt": None, "crmt-mix": None, "crmt-at": None, "crmt-trades": None, "paper-crmt-jt": 0.1}),
+    (0.5, {"crmt-jt": 0.5, "crmt-mix": 0.5, "crmt-at": 0.5, "crmt-trades": 0.5, "paper-crmt-jt": 0.1}),
+])
+def test_initial_a_per_recipe_and_its_override(flag, expected, tmp_path, monkeypatch):
+    """INTEGRATION_INIT (0.1 for JT and Mixup, the wrapper's fitted default for AT and TRADES) reaches
+    CRMTWrapper; TrainConfig.integration_init overrides it for every recipe but the paper's."""
+    from crmt_plugin.benchmark import recipes
+
+    if flag is None:
+        assert recipes.INTEGRATION_INIT == expected
+    real = recipes.CRMTWrapper
+
+    def spy(model, **kw):
+        seen.append(kw.get("integration_init"))
+        return real(model, **kw)
+
+    monkeypatch.setattr(recipes, "CRMTWrapper", spy)
+    data = load_npz(write(tmp_path / "tiny.npz", **tiny()))
+    for method, start in expected.items():
+        seen = []
+        trained = recipes.train(method, data, recipes.TrainConfig(epochs=1, train_eps=0.5, integration_init=flag),
+                                seed=0)
+        assert seen == [start], method
+        assert trained.crmt is not None
+
+
+def test_integration_init_flag_is_validated(tmp_path, capsys):
+    path = write(tmp_path / "tiny.npz", **tiny())
+    for bad in ("0", "-1", "big", "inf"):
+        code, err = run_cli(["--data", path, "--quick", "--integration-init", bad, "--out", str(tmp_path / "o")], capsys)
+        assert code != 0 and any("--integration-init" in line for line in err), bad

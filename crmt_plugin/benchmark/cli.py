@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crmt_loss penalty (default: the library's default)")
     p.add_argument("--margin-target", type=float, default=None,
                    help="crmt_loss margin_target of the hinge (default: the library's default)")
+    p.add_argument("--integration-init", default=None,
+                   help="initial a of every CRMT head but the paper recipe's: a number > 0, or 'fit' (the "
+                        "CRMTWrapper default) (default: 0.1 for crmt-jt and crmt-mix, 'fit' for crmt-at and "
+                        "crmt-trades)")
     p.add_argument("--integration-epochs", type=int, default=None,
                    help="step-2 epochs (default: the library's default)")
     p.add_argument("--eval-steps", type=int, default=50, help="steps of the strong PGD (fallback attack)")
@@ -106,6 +110,18 @@ def _check_out(out: str) -> None:
         raise CRMTError(f"--out {out}: {probe} is not writable")
 
 
+def _integration_init(value: Optional[str]):
+    if value is None or value == "fit":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number < float("inf"):
+        raise CRMTError(f"--integration-init must be 'fit' or a finite number > 0, found {value!r}")
+    return number
+
+
 def _configs(args: argparse.Namespace):
     for name in ("epochs", "batch_size", "train_steps", "eval_steps", "restarts", "queries"):
         if getattr(args, name) < 1:
@@ -126,7 +142,8 @@ def _configs(args: argparse.Namespace):
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                             train_steps=args.train_steps, beta=args.beta, alpha=args.alpha, rho=args.rho,
                             temperature=args.temperature, margin=args.margin, penalty=args.penalty,
-                            margin_target=args.margin_target, integration_epochs=args.integration_epochs)
+                            margin_target=args.margin_target, integration_init=_integration_init(args.integration_init),
+                            integration_epochs=args.integration_epochs)
     eval_cfg = EvalConfig(steps=args.eval_steps, restarts=args.restarts, queries=args.queries, max_test=args.max_test,
                           sound=not args.no_sound)
     if args.quick:
