@@ -168,7 +168,10 @@ class CRMTWrapper(nn.Module):
             an int (a tuple's element), a str (a dict key or attribute) or a callable ``out -> logits``.
         call: how to run the model on an input dict, ``call(model, inputs) -> output``; default
             ``model(**inputs)`` (the forward's parameters must be named after the modalities).
-        integration_init: initial a^(m) for every class; default: fitted to the existing head.
+        integration_init: initial a^(m) for every class; default: fitted to the existing head (what a
+            trained head needs). For a fresh model trained with ``crmt_loss`` on clean or mixed inputs,
+            0.1 (the paper's start) measured more robust; with adversarial training keep the default
+            (docs/method.md, "The initial a").
         orthonormal: ``True`` (CRMT): orthonormal rows of W~^(m). ``False``: unit-norm rows, which
             reproduce the existing head exactly — to certify or evaluate a trained joint-training
             model as it is, on equal terms with CRMT (certificates stay sound: they use the Gram

@@ -16,7 +16,9 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, crmt=True)
     run = common.setup(args, "crmt-mix")
     model = run.model
-    crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims)
+    # a = 0.1 to start (the paper's fresh head): more robust than the wrapper's default (a fitted to the fresh
+    # head) without adversarial examples, docs/method.md "The initial a"
+    crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims, integration_init=0.1)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     beta = torch.distributions.Beta(args.alpha, args.alpha)
 

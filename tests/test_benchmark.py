@@ -303,5 +303,6 @@ def test_initial_a_per_recipe_and_its_override(flag, expected, tmp_path, monkeyp
 def test_integration_init_flag_is_validated(tmp_path, capsys):
     path = write(tmp_path / "tiny.npz", **tiny())
     for bad in ("0", "-1", "big", "inf"):
-        code, err = run_cli(["--data", path, "--quick", "--integration-init", bad, "--out", str(tmp_path / "o")], capsys)
+        argv = ["--data", path, "--quick", "--integration-init", bad, "--out", str(tmp_path / "o")]
+        code, err = run_cli(argv, capsys)
         assert code != 0 and any("--integration-init" in line for line in err), bad

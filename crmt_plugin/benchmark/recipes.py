@@ -48,8 +48,8 @@ from ..wrapper import CRMTWrapper
 from .data import BenchmarkData, batch_list, batches, standardization
 from .models import BenchmarkNet, build_model
 
-__all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "INTEGRATION_INIT", "TrainConfig", "Trained", "train", "check_methods", "accuracy",
-           "BestOnValidation", "new_model"]
+__all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "INTEGRATION_INIT", "TrainConfig", "Trained", "train",
+           "check_methods", "accuracy", "BestOnValidation", "new_model"]
 
 METHODS = ("jt", "crmt-jt", "pgd-at", "crmt-at", "trades", "crmt-trades", "mixup", "crmt-mix", "paper-crmt-jt")
 CRMT_METHODS = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix", "paper-crmt-jt")
