@@ -4,9 +4,9 @@ quickstart's JT and CRMT-JT models (AV digits, seed 0, first 300 test pairs, joi
     OMP_NUM_THREADS=1 python benchmarks/bench_attack_strength.py                 # trains if needed
     OMP_NUM_THREADS=1 python benchmarks/bench_attack_strength.py --checkpoints runs/quickstart
 
-Checkpoints: ``<checkpoints>/jt/model.pt`` and ``<checkpoints>/crmt_jt/model.pt`` (state dicts of
-``AVDigitsNet(feature_dim=64)``, as ``examples/quickstart.py`` writes them; the CRMT-JT one is the
-exported plain model, same logits). Missing ones are trained by running the quickstart.
+Checkpoints: ``<checkpoints>/jt/model.pt`` and ``<checkpoints>/crmt_jt/model.pt`` (the plain
+``AVDigitsNet(feature_dim=64)`` module, as ``examples/quickstart.py`` writes it, or its state dict; the
+CRMT-JT one is the exported plain model, same logits). Missing ones are trained by running the quickstart.
 
 torchattacks (3.5.1) takes one tensor in [0, 1]: both modalities are flattened, concatenated and
 mapped into [0, 1] with ONE common affine map ``z = (x - lo) / scale`` (``lo``/``scale`` from the
@@ -82,8 +82,12 @@ def load_models(checkpoints: str, splits) -> Dict[str, nn.Module]:
         quickstart.main(["--out", checkpoints, "--quiet"])
     models = {}
     for name, path in paths.items():
-        net = AVDigitsNet(feature_dim=64, num_classes=splits.num_classes)
-        net.load_state_dict(torch.load(path, map_location="cpu"))
+        saved = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoints
+        if isinstance(saved, nn.Module):  # what examples/common.py writes: the plain module
+            models[name] = saved.eval()
+            continue
+        net = AVDigitsNet(feature_dim=64, num_classes=splits.num_classes)  # older checkpoints: a state dict
+        net.load_state_dict(saved)
         models[name] = net.eval()
     return models
 
