@@ -1,7 +1,7 @@
 """Quickstart: joint training (JT) vs CRMT-JT on real audio-visual digits, robustness table and plot.
 
     python examples/quickstart.py                 # about 5 min on 2 idle CPU cores (mostly evaluation)
-    python examples/quickstart.py --max-test 0    # attack the whole test split (600 pairs), twice as long
+    python examples/quickstart.py --max-test 0    # evaluate on the whole test split (600 pairs), twice as long
     python examples/quickstart.py --epochs 4      # faster, a little less accurate
 
 Trains the same late-fusion network (spoken digit MFCCs + handwritten digit image) twice, with the
@@ -40,7 +40,7 @@ def main(argv=None):
     p.add_argument("--radius", type=float, default=2.0, help="l2 radius of the attacks and certificates")
     p.add_argument("--out", default=os.path.join("runs", "quickstart"))
     p.add_argument("--limit", type=int, default=None, help="first N samples of each split (smoke tests)")
-    p.add_argument("--max-test", type=int, default=300, help="attack the first N test pairs (0: all)")
+    p.add_argument("--max-test", type=int, default=300, help="evaluate on the first N test pairs (0: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     started = time.time()
@@ -52,15 +52,15 @@ def main(argv=None):
     if args.limit:
         shared += ["--limit", str(args.limit), "--eval-steps", "5", "--eval-restarts", "1", "--queries", "50"]
     shared += ["--quiet"] if args.quiet else ["--no-table"]
-    attacked = f"the first {args.max_test} test pairs attacked" if args.max_test else "all test pairs attacked"
-    print(f"Training JT and CRMT-JT on audio-visual digits (1800 train / 600 validation / 600 test pairs; {attacked})")
+    evaluated = f"the first {args.max_test} test pairs" if args.max_test else "the test split"
+    print(f"Training JT and CRMT-JT on audio-visual digits (1800 train / 600 validation / 600 test pairs; "
+          f"evaluated on {evaluated})")
     results = {
         "JT": jt.main(shared + ["--out", os.path.join(args.out, "jt")]),
         "CRMT-JT": crmt_jt.main(shared + ["--out", os.path.join(args.out, "crmt_jt")]),
     }
 
-    where = f"the first {args.max_test} test pairs" if args.max_test else "the test split"
-    print(f"\nRobustness on {where} (accuracy %, l2 radius {args.radius:g} in normalised units), "
+    print(f"\nRobustness on {evaluated} (accuracy %, l2 radius {args.radius:g} in normalised units), "
           f"{time.time() - started:.0f} s in all:\n")
     print(common.format_summary({name: m["summary"] for name, m in results.items()}))
     rows = [dict(m["row"], method=name) for name, m in results.items()]
