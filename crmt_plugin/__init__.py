@@ -15,7 +15,9 @@ Example::
 Submodules: ``attacks`` (FGM/PGD per modality, missing modality), ``evaluation`` (robustness
 tables and plots), ``bounds`` (sound encoder Lipschitz bounds), ``structure`` (the late-fusion
 check), ``testing`` (``check_certificates``: attack every certified sample inside its radius),
-``datasets`` and ``models`` (the real offline data and reference models of the examples).
+``datasets`` and ``models`` (the real offline data and reference models of the examples),
+``distributed`` and ``benchmark`` (``crmt-benchmark``). Each
+is imported on first use: ``import crmt_plugin`` is enough for ``crmt_plugin.attacks.PGD``.
 """
 
 from .certify import Certificate
@@ -27,6 +29,26 @@ from .loss import crmt_loss, margin_loss
 from .wrapper import CRMTOutput, CRMTWrapper
 
 __version__ = "0.1.0"
+
+# Public submodules, imported on first attribute access (PEP 562, as numpy and scipy do): ``import
+# crmt_plugin`` is enough for ``crmt_plugin.attacks.PGD``, and nothing optional is imported early.
+SUBMODULES = ("attacks", "benchmark", "bounds", "datasets", "distributed", "evaluation", "models",
+              "structure", "testing")
+
+
+def __getattr__(name: str):
+    if name in SUBMODULES:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(SUBMODULES))
+
 
 __all__ = [
     "CRMTWrapper",
