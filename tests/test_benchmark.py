@@ -237,7 +237,7 @@ def test_every_crmt_recipe_but_the_papers_gets_the_shared_scale(method, tmp_path
     from crmt_plugin.benchmark.recipes import SHARED_SCALE, TrainConfig, train
 
     data = load_npz(write(tmp_path / "tiny.npz", **tiny()))
-    trained = train(method, data, TrainConfig(epochs=1, train_eps=0.5), seed=0)
+    trained = train(method, data, TrainConfig(epochs=1, min_steps=0, train_eps=0.5), seed=0)
     head = trained.crmt.head
     assert (head.log_scale is not None) == (method != "paper-crmt-jt") == (method in SHARED_SCALE)
     assert head.log_scale is None or head.scale_gain == 1.0
@@ -294,7 +294,7 @@ def test_initial_a_per_recipe_and_its_override(flag, expected, tmp_path, monkeyp
     data = load_npz(write(tmp_path / "tiny.npz", **tiny()))
     for method, start in expected.items():
         seen = []
-        trained = recipes.train(method, data, recipes.TrainConfig(epochs=1, train_eps=0.5, integration_init=flag),
+        trained = recipes.train(method, data, recipes.TrainConfig(epochs=1, min_steps=0, train_eps=0.5, integration_init=flag),
                                 seed=0)
         assert seen == [start], method
         assert trained.crmt is not None

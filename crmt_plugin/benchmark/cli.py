@@ -28,7 +28,9 @@ from ..errors import CRMTError
 from ..loss import PENALTIES
 from .data import load_npz
 from .evaluate import EvalConfig, evaluate, find_radius
-from .recipes import METHODS, TrainConfig, check_methods, train
+from ..selection import DEFAULT_CANDIDATES
+from .recipes import DEFAULT_MIN_STEPS, METHODS, TrainConfig, check_methods, train
+from .select import train_selected
 from .report import plot_robustness, write_json, write_markdown
 
 __all__ = ["main", "build_parser", "run"]
@@ -57,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radius", default="auto",
                    help="l2 radius of every attack (file's input units), or 'auto': where JT's joint PGD "
                         "accuracy on the validation split is closest to 45%%")
-    p.add_argument("--epochs", type=int, default=30, help="step-1 epochs of every method")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=30, help="the least number of step-1 epochs of every method")
+    p.add_argument("--min-steps", type=int, default=DEFAULT_MIN_STEPS,
+                   help="the least number of step-1 optimiser steps: small data sets train more epochs "
+                        "(recipes.training_schedule); 0 trains exactly --epochs")
+    p.add_argument("--max-epochs", type=int, default=1000, help="the most step-1 epochs the step budget may ask for")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="step-1 batch size (default: min(64, max(8, 2**floor(log2(N_train / 8)))))")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--train-steps", type=int, default=3, help="PGD steps of the training attack (AT, TRADES)")
@@ -79,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial a of every CRMT head but the paper recipe's: a number > 0, or 'fit' (the "
                         "CRMTWrapper default) (default: 0.1 for crmt-jt and crmt-mix, 'fit' for crmt-at and "
                         "crmt-trades)")
+    p.add_argument("--select", action="store_true",
+                   help="choose each CRMT recipe's rho on the validation split among --select-candidates "
+                        "(rho = 0 included: the most robust candidate within half a point of its clean accuracy)")
+    p.add_argument("--select-candidates", type=float, nargs="+", default=list(DEFAULT_CANDIDATES),
+                   help="the rho values --select tries")
     p.add_argument("--integration-epochs", type=int, default=None,
                    help="step-2 epochs (default: the library's default)")
     p.add_argument("--eval-steps", type=int, default=50, help="steps of the strong PGD (fallback attack)")
@@ -123,9 +135,15 @@ def _integration_init(value: Optional[str]):
 
 
 def _configs(args: argparse.Namespace):
-    for name in ("epochs", "batch_size", "train_steps", "eval_steps", "restarts", "queries"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "max_epochs", "batch_size", "train_steps", "eval_steps", "restarts", "queries"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CRMTError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}")
+    if args.select:
+        c = args.select_candidates
+        if not c or len(set(c)) != len(c) or any(not (0 <= v < float("inf")) for v in c):
+            raise CRMTError(f"--select-candidates must be distinct finite numbers >= 0, found {c}")
+    if args.min_steps < 0:
+        raise CRMTError(f"--min-steps must be >= 0, found {args.min_steps}")
     if args.max_test is not None and args.max_test < 1:
         raise CRMTError(f"--max-test must be >= 1, found {args.max_test}")
     if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
@@ -139,7 +157,8 @@ def _configs(args: argparse.Namespace):
             raise CRMTError(f"--radius must be 'auto' or a number > 0, found {args.radius!r}") from None
         if not radius > 0 or radius == float("inf"):
             raise CRMTError(f"--radius must be 'auto' or a finite number > 0, found {args.radius!r}")
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, min_steps=args.min_steps,
+                            max_epochs=args.max_epochs, lr=args.lr, weight_decay=args.weight_decay,
                             train_steps=args.train_steps, beta=args.beta, alpha=args.alpha, rho=args.rho,
                             temperature=args.temperature, margin=args.margin, penalty=args.penalty,
                             margin_target=args.margin_target, integration_init=_integration_init(args.integration_init),
@@ -148,6 +167,7 @@ def _configs(args: argparse.Namespace):
                           sound=not args.no_sound)
     if args.quick:
         train_cfg.epochs = min(train_cfg.epochs, 2)
+        train_cfg.min_steps = 0
         eval_cfg.steps, eval_cfg.restarts, eval_cfg.queries, eval_cfg.curve_steps = 5, 1, 30, 3
         eval_cfg.curve_fractions = (0.5,)
         eval_cfg.max_test = min(eval_cfg.max_test or 64, 64)
@@ -194,7 +214,9 @@ def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any
         if method == "jt" and seed in jt_models:
             trained = jt_models[seed]
         else:
-            trained = train(method, data, train_cfg, seed, device=device, epoch_bar=epoch_bar(method, seed))
+            trained = (train_selected(method, data, train_cfg, seed, radius, candidates=args.select_candidates,
+                                      device=device, epoch_bar=epoch_bar(method, seed)) if args.select else
+                       train(method, data, train_cfg, seed, device=device, epoch_bar=epoch_bar(method, seed)))
         folder = os.path.join(args.out, method, f"seed{seed}")
         os.makedirs(folder, exist_ok=True)
         torch.save(copy.deepcopy(trained.model).cpu(), os.path.join(folder, "model.pt"))
@@ -217,6 +239,7 @@ def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any
         "train_config": vars(train_cfg),
         "eval_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(eval_cfg).items()},
         "quick": bool(args.quick),
+        "select": list(args.select_candidates) if args.select else None,
         "command": command,
         "seconds": time.time() - started,
         "cpu_seconds": time.process_time(),  # this process's CPU time (all its threads), load-independent

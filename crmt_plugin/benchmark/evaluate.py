@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -44,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import attacks as attacks_module
-from ..errors import CRMTError
+from ..errors import CRMTError, warn
 from ..wrapper import CRMTWrapper
 from .data import BenchmarkData, batch_list, batches
 from .models import Standardize
@@ -313,6 +312,13 @@ def evaluate(trained: Any, data: BenchmarkData, radius: float, cfg: EvalConfig, 
     row["test_samples"] = int(y.shape[0])
     row["val_accuracy"] = float(trained.best_val)
     row["best_epoch"] = int(trained.best_epoch)
+    if getattr(trained, "selection", None) is not None:
+        row["selection"] = trained.selection
+        row["rho"] = trained.selection["rho"]
+    schedule = getattr(trained, "schedule", None)
+    if schedule is not None:
+        row["schedule"] = {"batch_size": schedule.batch_size, "steps_per_epoch": schedule.steps_per_epoch,
+                           "epochs": schedule.epochs, "steps": schedule.steps}
     row["train_seconds"] = float(trained.train_seconds)
     row["train_cpu_seconds"] = float(getattr(trained, "train_cpu_seconds", 0.0))
     row["eval_seconds"] = time.time() - started
@@ -348,8 +354,8 @@ def find_radius(models: Sequence[nn.Module], data: BenchmarkData, cfg: EvalConfi
     tried: List[Tuple[float, float]] = []
     clean = sum(float(_correct(m, inputs, y, None, cfg.batch_size).double().mean()) for m in models) / len(models)
     if clean <= target:
-        warnings.warn(f"JT's clean validation accuracy {clean:.3f} is already below {target}: radius auto uses a "
-                      "small radius; pass --radius to choose one", stacklevel=2)
+        warn(f"JT's clean validation accuracy {clean:.3f} is already below {target}: radius auto uses a "
+             "small radius; pass --radius to choose one")
     r = max(0.05 * _median_norm(inputs, data.train_mean()), 1e-6)
     a = accuracy_at(r)
     tried.append((r, a))

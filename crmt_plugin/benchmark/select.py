@@ -1,0 +1,55 @@
+"""``crmt-benchmark --select``: each CRMT recipe's rho chosen on the validation split, among candidates with 0.
+
+For a CRMT method and a seed, :func:`train_selected` trains the recipe once per candidate rho (the same seed, so
+the candidates differ only by rho), scores each trained model on the validation split with
+:func:`crmt_plugin.selection.validation_scores` (clean, a shortened strong attack on all modalities and on each
+alone at the run's radius, each modality missing), and keeps the one :func:`crmt_plugin.selection.select_rho`
+chooses: the most robust candidate whose clean validation accuracy is within the tolerance of ``rho = 0``. The
+test split is never looked at. The chosen model is then evaluated like every other row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..selection import DEFAULT_CANDIDATES, DEFAULT_CLEAN_TOLERANCE, select_rho, validation_scores
+from .data import BenchmarkData, batch_list
+from .recipes import TrainConfig, Trained, train
+
+__all__ = ["SELECTABLE", "train_selected"]
+
+# the recipes whose rho is a free choice (the paper's recipe is the paper's rho = 2)
+SELECTABLE = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix")
+
+
+def train_selected(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, radius: float, *,
+                   candidates: Sequence[float] = DEFAULT_CANDIDATES,
+                   clean_tolerance: float = DEFAULT_CLEAN_TOLERANCE,
+                   device: torch.device = torch.device("cpu"),
+                   epoch_bar: Optional[Callable[[range], Any]] = None, max_val: int = 500) -> Trained:
+    """Train ``method`` once per candidate rho and return the chosen :class:`Trained`, with ``.selection``
+    (the candidates' validation scores) and ``.rho`` set. Methods outside :data:`SELECTABLE` train once."""
+    if method not in SELECTABLE:
+        return train(method, data, cfg, seed, device=device, epoch_bar=epoch_bar)
+    val_x, val_y = data.part("validation")
+    val_x = {n: t[:max_val].to(device) for n, t in val_x.items()}
+    val_y = val_y[:max_val].to(device)
+    loader = batch_list(val_x, val_y, 500)
+    fill = {n: m.to(device) for n, m in data.train_mean().items()}
+
+    def fit(rho: float) -> Trained:
+        return train(method, data, dataclasses.replace(cfg, rho=float(rho)), seed, device=device, epoch_bar=epoch_bar)
+
+    def score(trained: Trained):
+        return validation_scores(trained.model, loader, radius=radius, missing_fill=fill,
+                                 generator=torch.Generator().manual_seed(seed + 5))
+
+    chosen = select_rho(fit, loader, radius=radius, candidates=candidates, clean_tolerance=clean_tolerance,
+                        score=score)
+    trained = chosen.model
+    trained.selection = {"rho": chosen.rho, "reference_clean": chosen.reference_clean, "candidates": chosen.table,
+                         "clean_tolerance": clean_tolerance}
+    return trained
