@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Any, Iterable
 
-from .errors import CRMTError
+from .errors import CRMTError, warn
 
 _INSTALL = {
     "tqdm": "pip install tqdm",
@@ -35,7 +34,6 @@ def progress_bar(iterable: Iterable, **kwargs: Any) -> Iterable:
     try:
         tqdm = importlib.import_module("tqdm.auto").tqdm
     except ImportError:
-        warnings.warn("progress bars need the optional dependency 'tqdm' (pip install tqdm); "
-                      "continuing without one", stacklevel=3)
+        warn("progress bars need the optional dependency 'tqdm' (pip install tqdm); continuing without one")
         return iterable
     return tqdm(iterable, **kwargs)

@@ -27,7 +27,6 @@ per rank), and an error on any rank is raised on all.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -38,7 +37,7 @@ from torch import Tensor
 from ._runtime import ModeGuard, iterate_batches, move_batch, no_autocast, non_finite_samples
 from .certify import radii_from_unimodal, resolve_denominator
 from .distributed import all_reduce_max, all_reduce_sum, is_distributed, raise_on_every_rank
-from .errors import CRMTError
+from .errors import CRMTError, warn
 from .lipschitz import LipschitzLike, as_lipschitz
 
 __all__ = ["fit_integration", "cache_unimodal_logits", "IntegrationResult", "SplitMetrics", "OBJECTIVES"]
@@ -264,7 +263,7 @@ def fit_integration(
     those whose clean accuracy there is at least the initial accuracy minus ``accuracy_tolerance``
     (the initial a always qualifies, so step 2 never lowers that accuracy by more than the
     tolerance), and, with ``protect_missing``, whose accuracy with each modality missing is kept the
-    same way. Refused epochs are reported through ``warnings.warn``; after ``patience``
+    same way. Refused epochs are reported through a ``UserWarning`` at the caller's line; after ``patience``
     consecutive refusals step 2 stops early (and says so).
 
     Args:
@@ -452,14 +451,13 @@ def _fit_integration(crmt, loader, lipschitz, val_loader, objective, tolerance, 
     if rejected:
         where = "validation" if selected_on == "val" else "training"
         ran = rejected[-1] if stopped_early else epochs
-        warnings.warn(
+        warn(
             f"fit_integration: {len(rejected)} of {ran} epochs refused because clean accuracy on the {where} "
             + ("data (or its accuracy with a modality missing) " if protect_missing else "data ")
             + f"would fall by more than accuracy_tolerance={tolerance:g} (from {sel_before.accuracy:.4f}; "
             f"epochs {rejected})"
             + (f"; stopped early after {patience} consecutive refusals at epoch {ran}" if stopped_early else "")
             + f"; kept the a of epoch {best_epoch}" + (" (the initial a, unchanged)" if best_epoch == 0 else ""),
-            stacklevel=3,
         )
     return IntegrationResult(
         mean_radius_before=before["train"].mean_radius,

@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .._optional import require
-from ..errors import CRMTError
+from ..errors import CRMTError, warn
 from .recipes import PAIRS
 
 __all__ = ["columns", "summarize", "pair_differences", "write_json", "render_markdown", "write_markdown",
@@ -198,7 +197,7 @@ def plot_robustness(path: str, results: Mapping[str, Any]) -> Optional[str]:
     try:
         require("matplotlib", "robustness.png")
     except CRMTError as exc:
-        warnings.warn(f"{exc}; robustness.png not written", stacklevel=2)
+        warn(f"{exc}; robustness.png not written")
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
