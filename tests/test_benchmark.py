@@ -306,3 +306,33 @@ def test_integration_init_flag_is_validated(tmp_path, capsys):
         argv = ["--data", path, "--quick", "--integration-init", bad, "--out", str(tmp_path / "o")]
         code, err = run_cli(argv, capsys)
         assert code != 0 and any("--integration-init" in line for line in err), bad
+
+
+def test_select_and_encoder_flags_end_to_end(tmp_path, capsys):
+    """--select trains every candidate and records them; --encoder ln / frozen build those families."""
+    path = write(tmp_path / "t.npz", **tiny())
+    code, _ = run_cli(["--data", path, "--quick", "--seeds", "0", "--methods", "jt,crmt-jt", "--no-sound",
+                       "--select", "--select-candidates", "0", "0.5", "--encoder", "ln", "--radius", "0.5",
+                       "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    assert code == 0
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())["rows"]
+    jt, crmt = rows
+    assert "selection" not in jt
+    assert [c["rho"] for c in crmt["selection"]["candidates"]] == [0.0, 0.5] and crmt["rho"] in (0.0, 0.5)
+    assert crmt["schedule"]["steps"] == crmt["schedule"]["epochs"] * crmt["schedule"]["steps_per_epoch"]
+    model = torch.load(tmp_path / "o" / crmt["model"], weights_only=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    code, _ = run_cli(["--data", path, "--quick", "--seeds", "0", "--methods", "jt", "--no-sound", "--encoder",
+                       "frozen", "--radius", "0.5", "--out", str(tmp_path / "f"), "--no-progress"], capsys)
+    assert code == 0
+    model = torch.load(tmp_path / "f" / "jt" / "seed0" / "model.pt", weights_only=False)
+    assert any(type(m).__name__ == "FrozenEncoder" for m in model.modules())
+
+
+def test_min_steps_sets_the_epochs(tmp_path):
+    from crmt_plugin.benchmark.recipes import TrainConfig, train
+
+    data = load_npz(write(tmp_path / "t.npz", **tiny()))
+    trained = train("jt", data, TrainConfig(epochs=1, min_steps=40, batch_size=8, train_eps=0.5), seed=0)
+    # 36 training samples in batches of 8: 5 steps an epoch (the last batch of 4 included), 8 epochs for 40 steps
+    assert trained.schedule.steps_per_epoch == 5 and trained.schedule.epochs == 8 and len(trained.history) == 8

@@ -30,6 +30,7 @@ from .data import load_npz
 from .evaluate import EvalConfig, evaluate, find_radius
 from ..selection import DEFAULT_CANDIDATES
 from .recipes import DEFAULT_MIN_STEPS, METHODS, TrainConfig, check_methods, train
+from .models import ENCODER_FAMILIES
 from .select import train_selected
 from .report import plot_robustness, write_json, write_markdown
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial a of every CRMT head but the paper recipe's: a number > 0, or 'fit' (the "
                         "CRMTWrapper default) (default: 0.1 for crmt-jt and crmt-mix, 'fit' for crmt-at and "
                         "crmt-trades)")
+    p.add_argument("--encoder", default="bn", choices=ENCODER_FAMILIES,
+                   help="encoder family: bn (BatchNorm + ReLU), ln (LayerNorm + GELU + dropout), frozen (a "
+                        "pretrained BatchNorm encoder per modality, frozen, with a trainable projection)")
     p.add_argument("--select", action="store_true",
                    help="choose each CRMT recipe's rho on the validation split among --select-candidates "
                         "(rho = 0 included: the most robust candidate within half a point of its clean accuracy)")
@@ -162,7 +166,7 @@ def _configs(args: argparse.Namespace):
                             train_steps=args.train_steps, beta=args.beta, alpha=args.alpha, rho=args.rho,
                             temperature=args.temperature, margin=args.margin, penalty=args.penalty,
                             margin_target=args.margin_target, integration_init=_integration_init(args.integration_init),
-                            integration_epochs=args.integration_epochs)
+                            integration_epochs=args.integration_epochs, encoder=args.encoder)
     eval_cfg = EvalConfig(steps=args.eval_steps, restarts=args.restarts, queries=args.queries, max_test=args.max_test,
                           sound=not args.no_sound)
     if args.quick:

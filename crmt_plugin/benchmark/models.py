@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from ..errors import CRMTError
 
-__all__ = ["Standardize", "MLPEncoder", "Conv1dEncoder", "Conv2dEncoder", "BenchmarkNet", "build_model",
-           "encoder_for", "size_rule"]
+__all__ = ["Standardize", "MLPEncoder", "Conv1dEncoder", "Conv2dEncoder", "LNMLPEncoder", "LNConvEncoder",
+           "FrozenEncoder", "ENCODER_FAMILIES", "BenchmarkNet", "build_model", "encoder_for", "size_rule"]
 
 
 class Standardize(nn.Module):
@@ -111,8 +111,68 @@ class Conv2dEncoder(nn.Sequential):
         self.out_features = features
 
 
-def encoder_for(shape: Sequence[int], mean: Tensor, std: Tensor, num_train: int, num_classes: int) -> nn.Module:
+class LNMLPEncoder(nn.Sequential):
+    """The MLP as users often write it: Standardize -> Linear(d, h) -> LayerNorm -> GELU -> Dropout(p) ->
+    Linear(h, f) -> LayerNorm -> GELU; input (B, d), output (B, f). No BatchNorm."""
+
+    def __init__(self, standardize: Standardize, d: int, hidden: int, features: int, dropout: float = 0.1) -> None:
+        super().__init__(standardize, nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, features), nn.LayerNorm(features), nn.GELU())
+        self.out_features = features
+
+
+class LNConvEncoder(nn.Sequential):
+    """The 1-D / 2-D CNN of the BatchNorm family with GroupNorm(1, c) (LayerNorm over channels and positions),
+    GELU and Dropout(p) after the first two blocks instead of BatchNorm and ReLU; output (B, f)."""
+
+    def __init__(self, standardize: Standardize, channels: int, features: int, dims: int, dropout: float = 0.1) -> None:
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+        c1, c2, c3 = max(features // 4, 4), max(features // 2, 4), features
+        first_stride = 1 if dims == 1 else 2
+        super().__init__(standardize,
+                         conv(channels, c1, 3, stride=first_stride, padding=1), nn.GroupNorm(1, c1), nn.GELU(),
+                         nn.Dropout(dropout),
+                         conv(c1, c2, 3, stride=2, padding=1), nn.GroupNorm(1, c2), nn.GELU(), nn.Dropout(dropout),
+                         conv(c2, c3, 3, stride=2, padding=1), nn.GroupNorm(1, c3), nn.GELU(),
+                         pool, nn.Flatten())
+        self.out_features = features
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen feature extractor with a trainable projection, as a user with a pretrained encoder writes it:
+    ``ReLU(Linear(f, f)(body(x)))`` where ``body`` (pretrained elsewhere) never trains and stays in eval mode
+    (its BatchNorm statistics are frozen too: ``train()`` leaves it in eval mode); output (B, f)."""
+
+    def __init__(self, body: nn.Module, features: int) -> None:
+        super().__init__()
+        self.body = body
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+        self.body.eval()
+        self.projection = nn.Linear(features, features)
+        self.activation = nn.ReLU()
+        self.out_features = features
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        super().train(mode)
+        self.body.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activation(self.projection(self.body(x)))
+
+
+ENCODER_FAMILIES = ("bn", "ln", "frozen")
+
+
+def encoder_for(shape: Sequence[int], mean: Tensor, std: Tensor, num_train: int, num_classes: int,
+                family: str = "bn") -> nn.Module:
     """The encoder for one sample's ``shape``: (d,) MLP, (C, T) 1-D CNN, (C, H, W) 2-D CNN.
+
+    ``family``: ``"bn"`` (BatchNorm + ReLU, the default), ``"ln"`` (LayerNorm/GroupNorm + GELU + dropout 0.1,
+    :class:`LNMLPEncoder` / :class:`LNConvEncoder`); ``"frozen"`` is built by
+    :func:`crmt_plugin.benchmark.recipes.new_model` (a pretrained ``"bn"`` body in :class:`FrozenEncoder`).
 
     Example:
 
@@ -121,16 +181,19 @@ def encoder_for(shape: Sequence[int], mean: Tensor, std: Tensor, num_train: int,
         >>> type(enc).__name__, enc(torch.randn(4, 13, 32)).shape
         ('Conv1dEncoder', torch.Size([4, 32]))
     """
+    if family not in ("bn", "ln"):
+        raise CRMTError(f"encoder family must be one of ('bn', 'ln') here, found {family!r} ('frozen' is built by "
+                        "recipes.new_model)")
     base, f = size_rule(num_train, num_classes)
     standardize = Standardize(mean, std)
     shape = tuple(int(s) for s in shape)
     if len(shape) == 1:
         hidden = int(min(4 * base, max(base, 2 ** math.ceil(math.log2(max(shape[0], 1))))))
-        return MLPEncoder(standardize, shape[0], hidden, f)
-    if len(shape) == 2:
-        return Conv1dEncoder(standardize, shape[0], f)
-    if len(shape) == 3:
-        return Conv2dEncoder(standardize, shape[0], f)
+        return (MLPEncoder if family == "bn" else LNMLPEncoder)(standardize, shape[0], hidden, f)
+    if len(shape) in (2, 3):
+        if family == "ln":
+            return LNConvEncoder(standardize, shape[0], f, dims=len(shape) - 1)
+        return (Conv1dEncoder if len(shape) == 2 else Conv2dEncoder)(standardize, shape[0], f)
     raise CRMTError(f"no encoder for samples of shape {shape}: expected (d,), (C, T) or (C, H, W)")
 
 
@@ -156,7 +219,7 @@ class BenchmarkNet(nn.Module):
 
 
 def build_model(sample_shapes: Mapping[str, Sequence[int]], stats: Mapping[str, Tuple[Tensor, Tensor]],
-                num_train: int, num_classes: int) -> BenchmarkNet:
+                num_train: int, num_classes: int, family: str = "bn") -> BenchmarkNet:
     """A fresh :class:`BenchmarkNet` for these shapes and train statistics ``{name: (mean, std)}``.
 
     Example:
@@ -167,5 +230,6 @@ def build_model(sample_shapes: Mapping[str, Sequence[int]], stats: Mapping[str, 
         >>> net(a=torch.randn(2, 6), b=torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
-    encoders = {n: encoder_for(shape, *stats[n], num_train, num_classes) for n, shape in sample_shapes.items()}
+    encoders = {n: encoder_for(shape, *stats[n], num_train, num_classes, family)
+                for n, shape in sample_shapes.items()}
     return BenchmarkNet(encoders, num_classes)

@@ -46,7 +46,7 @@ from ..errors import CRMTError
 from ..loss import crmt_loss
 from ..wrapper import CRMTWrapper
 from .data import BenchmarkData, batch_list, batches, standardization
-from .models import BenchmarkNet, build_model
+from .models import ENCODER_FAMILIES, BenchmarkNet, FrozenEncoder, build_model, encoder_for
 
 __all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "INTEGRATION_INIT", "TrainConfig", "Trained", "train",
            "check_methods", "accuracy", "BestOnValidation", "new_model", "Schedule", "training_schedule",
@@ -142,7 +142,8 @@ class TrainConfig:
     temperature, penalty, margin_target [None: library default] of ``crmt_loss`` (every CRMT method but
     ``paper-crmt-jt``, which is the paper's formula); integration_init [None: the method's entry of
     ``INTEGRATION_INIT``; a number, or ``"fit"`` for the wrapper's default] of every CRMT head but
-    ``paper-crmt-jt``'s; integration_epochs [None: library default] of step 2.
+    ``paper-crmt-jt``'s; integration_epochs [None: library default] of step 2; encoder ["bn"] the encoder
+    family of :func:`new_model`.
     """
 
     epochs: int = 30
@@ -162,6 +163,7 @@ class TrainConfig:
     margin_target: Optional[float] = None
     integration_init: Union[float, str, None] = None
     integration_epochs: Optional[int] = None
+    encoder: str = "bn"
 
     def loss_kwargs(self) -> Dict[str, Any]:
         """The ``crmt_loss`` keywords that differ from the library's defaults."""
@@ -314,11 +316,71 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def new_model(data: BenchmarkData) -> BenchmarkNet:
-    """A fresh model for ``data`` (train statistics inside; uses the global torch RNG)."""
+_PRETRAINED: Dict[Any, Dict[str, Dict[str, Tensor]]] = {}
+
+
+def pretrained_bodies(data: BenchmarkData, cfg: "TrainConfig", seed: int) -> Dict[str, nn.Module]:
+    """For ``encoder="frozen"``: one ``"bn"`` encoder per modality, trained on that modality alone (CE through a
+    temporary linear head, Adam, the step budget of :func:`training_schedule`, the epoch with the best validation
+    accuracy), as a user's pretrained encoder would be. Computed once per (data, seed) and reused by every method
+    (they all start from the same pretrained encoders); eval mode."""
+    train_x, train_y = data.part("train")
+    val_x, val_y = data.part("validation")
+    stats = {n: standardization(t) for n, t in train_x.items()}
+    num_train = int(train_y.shape[0])
+    key = (data.path, id(data), seed, cfg.min_steps, cfg.epochs, cfg.lr)
+    bodies: Dict[str, nn.Module] = {}
+    for i, (name, shape) in enumerate(data.sample_shapes().items()):
+        body = encoder_for(shape, *stats[name], num_train, data.num_classes, "bn")
+        if key in _PRETRAINED and name in _PRETRAINED[key]:
+            body.load_state_dict(_PRETRAINED[key][name])
+        else:
+            generator = torch.Generator().manual_seed(seed * 1000 + 17 + i)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed * 1000 + 17 + i)
+                body = encoder_for(shape, *stats[name], num_train, data.num_classes, "bn")
+                probe = nn.Linear(body.out_features, data.num_classes)
+                net = nn.Sequential(body, probe)
+                optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                schedule = training_schedule(num_train, cfg)
+                best, best_state = -1.0, None
+                for _ in range(schedule.epochs):
+                    net.train()
+                    for xb, yb in batches({name: train_x[name]}, train_y, schedule.batch_size, shuffle=True,
+                                          generator=generator):
+                        if yb.shape[0] < 2:
+                            continue
+                        loss = F.cross_entropy(net(xb[name]), yb)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                    net.eval()
+                    with torch.no_grad():
+                        val = float((net(val_x[name]).argmax(1) == val_y).double().mean())
+                    if val > best:
+                        best, best_state = val, copy.deepcopy(body.state_dict())
+                body.load_state_dict(best_state)
+            _PRETRAINED.setdefault(key, {})[name] = copy.deepcopy(body.state_dict())
+        bodies[name] = body.eval()
+    return bodies
+
+
+def new_model(data: BenchmarkData, encoder: str = "bn", cfg: Optional["TrainConfig"] = None,
+              seed: int = 0) -> BenchmarkNet:
+    """A fresh model for ``data`` (train statistics inside; uses the global torch RNG).
+
+    ``encoder``: the family of :func:`~crmt_plugin.benchmark.models.encoder_for` (``"bn"``, ``"ln"``), or
+    ``"frozen"``: :func:`pretrained_bodies` (``cfg`` and ``seed`` say how) in a
+    :class:`~crmt_plugin.benchmark.models.FrozenEncoder` each, only their projections and the head train."""
+    if encoder not in ENCODER_FAMILIES:
+        raise CRMTError(f"unknown encoder family {encoder!r}; known: {', '.join(ENCODER_FAMILIES)}")
     train_x, _ = data.part("train")
     stats = {n: standardization(t) for n, t in train_x.items()}
-    return build_model(data.sample_shapes(), stats, int(train_x[data.modalities[0]].shape[0]), data.num_classes)
+    num_train = int(train_x[data.modalities[0]].shape[0])
+    if encoder != "frozen":
+        return build_model(data.sample_shapes(), stats, num_train, data.num_classes, encoder)
+    bodies = pretrained_bodies(data, cfg if cfg is not None else TrainConfig(), seed)
+    return BenchmarkNet({n: FrozenEncoder(b, b.out_features) for n, b in bodies.items()}, data.num_classes)
 
 
 def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, device: torch.device = torch.device("cpu"),
@@ -330,7 +392,7 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     check_methods([method])
     started, cpu_started = time.time(), time.process_time()
     torch.manual_seed(seed)
-    model = new_model(data).to(device)
+    model = new_model(data, cfg.encoder, cfg, seed).to(device)
     crmt: Optional[CRMTWrapper] = None
     if method in CRMT_METHODS:
         init = {} if method in SHARED_SCALE else {"shared_scale": False}
