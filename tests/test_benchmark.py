@@ -294,8 +294,8 @@ def test_initial_a_per_recipe_and_its_override(flag, expected, tmp_path, monkeyp
     data = load_npz(write(tmp_path / "tiny.npz", **tiny()))
     for method, start in expected.items():
         seen = []
-        trained = recipes.train(method, data, recipes.TrainConfig(epochs=1, min_steps=0, train_eps=0.5, integration_init=flag),
-                                seed=0)
+        cfg = recipes.TrainConfig(epochs=1, min_steps=0, train_eps=0.5, integration_init=flag)
+        trained = recipes.train(method, data, cfg, seed=0)
         assert seen == [start], method
         assert trained.crmt is not None
 
