@@ -296,3 +296,31 @@ def test_find_wrapper_names_what_it_found():
         find_wrapper(holder)
     with pytest.raises(CRMTError, match="expected a CRMTWrapper at Module.net, found Linear"):
         find_wrapper(holder, "net")
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+TINY = ["--epochs", "1", "--limit", "48", "--eval-steps", "2", "--eval-restarts", "1", "--queries", "10", "--quiet"]
+
+
+@needs_lightning
+def test_lightning_example_matches_the_plain_loop(tmp_path, monkeypatch):
+    """examples/lightning_crmt.py trains CRMT-JT through a Trainer with crmt_plugin.lightning.CRMTCallback;
+    on the same seed it reproduces examples/crmt_jt.py's history, a and test summary."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = importlib.import_module("lightning_crmt")
+    plain = importlib.import_module("crmt_jt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        through = example.main(TINY + ["--method", "crmt-jt", "--out", str(tmp_path / "lightning")])["crmt-jt"]
+        loop = plain.main(TINY + ["--out", str(tmp_path / "plain")])
+    assert through["summary"] == pytest.approx(loop["summary"], abs=1e-6)
+    assert [h["val_accuracy"] for h in through["history"]] == [h["val_accuracy"] for h in loop["history"]]
+    assert [h["train_loss"] for h in through["history"]] == pytest.approx([h["train_loss"] for h in loop["history"]],
+                                                                        rel=1e-5)
+    for name, a in loop["integration_weights"].items():
+        assert through["integration_weights"][name] == pytest.approx(a, rel=1e-5)
+    assert (tmp_path / "lightning" / "final.ckpt").is_file()
+    logged_keys = set(logged(tmp_path / "lightning"))
+    assert {"crmt/radius", "crmt/margin/audio", "crmt/a/image", "val_acc", "train_loss"} <= logged_keys
