@@ -32,6 +32,45 @@ import jt
 from crmt_plugin.benchmark.report import plot_robustness
 
 
+# One line per row of the printed table (the keys of crmt-benchmark's results.json, docs/examples.md).
+ROWS = {
+    "clean": "accuracy on the unperturbed test pairs",
+    "pgd_joint": "under the strong gradient attack (APGD: CE, DLR, targeted runs) on both modalities at once, "
+                 "one l2 budget r",
+    "worst_joint": "per pair the worst of every joint attack (gradient and gradient-free): the lowest we find, "
+                   "still an upper bound on the true robust accuracy",
+    "pgd:": "under the strong attack on this modality alone (the other one untouched), budget r",
+    "missing:": "with this modality missing (replaced by its training mean)",
+    "gradient_free": "under Square, a query-only attack on the joint budget (catches masked gradients)",
+    "certified_empirical": "certified radius >= r with Lipschitz constants estimated from gradients on the "
+                           "training data: an estimate (the true constant can be larger), not a proof",
+    "certified_sound": "certified radius >= r with proven upper bounds of the encoders' Lipschitz constants: a "
+                       "guarantee, but bounds composed layer by layer are loose, so it is usually much lower",
+    "mean_robust": "the mean of worst_joint, pgd:<m> and missing:<m>: the single robustness summary",
+}
+
+
+def explain(summary_keys):
+    """The ROWS lines for the rows present in the table, in its order."""
+    lines = []
+    for key in summary_keys:
+        text = ROWS.get(key) or next((t for prefix, t in ROWS.items() if prefix.endswith(":")
+                                      and key.startswith(prefix)), None)
+        if text:
+            lines.append(f"  {key:<20} {text}")
+    return "\n".join(lines)
+
+
+def expected_time(args):
+    """A rough wall time from the measured runs (2 idle CPU cores, 8 epochs: 4 min 44 s for 300 test
+    pairs, 9 min 24 s for all 600; the evaluation is nearly all of it and grows with the pairs)."""
+    if args.limit:
+        return "under a minute (a smoke test on a slice of the data)"
+    pairs = args.max_test or 600
+    seconds = 4 + 0.93 * pairs + 2 * 3 * max(args.epochs - 8, 0)
+    return f"about {max(1, round(seconds / 60))} min on 2 CPU cores (measured 4 min 44 s for 300 test pairs)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=8)
@@ -54,7 +93,7 @@ def main(argv=None):
     shared += ["--quiet"] if args.quiet else ["--no-table"]
     evaluated = f"the first {args.max_test} test pairs" if args.max_test else "the test split"
     print(f"Training JT and CRMT-JT on audio-visual digits (1800 train / 600 validation / 600 test pairs; "
-          f"evaluated on {evaluated})")
+          f"evaluated on {evaluated}); this takes {expected_time(args)}, mostly the attacks.")
     results = {
         "JT": jt.main(shared + ["--out", os.path.join(args.out, "jt")]),
         "CRMT-JT": crmt_jt.main(shared + ["--out", os.path.join(args.out, "crmt_jt")]),
@@ -63,6 +102,8 @@ def main(argv=None):
     print(f"\nRobustness on {evaluated} (accuracy %, l2 radius {args.radius:g} in normalised units), "
           f"{time.time() - started:.0f} s in all:\n")
     print(common.format_summary({name: m["summary"] for name, m in results.items()}))
+    print("\nRows (certified_empirical and certified_sound differ in the Lipschitz constants behind the radius):")
+    print(explain(next(iter(results.values()))["summary"]))
     rows = [dict(m["row"], method=name) for name, m in results.items()]
     path = plot_robustness(os.path.join(args.out, "quickstart.png"),
                            {"radius": args.radius, "modalities": ["audio", "image"], "rows": rows})
