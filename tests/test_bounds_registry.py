@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crmt_plugin import lipschitz_layers as ll
 from crmt_plugin.bounds import (
     LayerSite, LipschitzPenalty, Residual, declare_lipschitz, lipschitz_rule, lipschitz_upper_bound,
     remove_lipschitz_rule, unsupported_layers,
@@ -219,6 +220,9 @@ CATALOGUE = [
     (nn.AlphaDropout(), (3,)), (nn.FeatureAlphaDropout(), (2, 3)), (nn.Flatten(), (2, 3)),
     (nn.Unflatten(1, (2, 3)), (6,)), (nn.Identity(), (3,)), (nn.Sequential(nn.ReLU()), (3,)),
     (Residual(nn.Linear(3, 3)), (3,)),
+    (ll.AOLLinear(3, 2), (3,)), (ll.AOLConv1d(1, 2, 2), (1, 4)), (ll.AOLConv2d(1, 2, 2), (1, 3, 3)),
+    (ll.MaxMin(), (2,)), (ll.L2NormPool(), (2, 3)), (ll.ModalityScale(torch.tensor(0.0), torch.tensor(2.0)), (3,)),
+    (ll.ConvexResidual(ll.AOLLinear(3, 3)), (3,)),
 ]
 
 

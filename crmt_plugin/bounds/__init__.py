@@ -85,6 +85,7 @@ from __future__ import annotations
 
 # the layer families register their rules on import: import them all before any walk
 from . import activations, conv, dropout, linear, norm, pooling, tensor_ops  # noqa: F401
+from . import lipschitz_layers  # noqa: F401, E402  (rules of crmt_plugin.lipschitz_layers; after graph's imports)
 from .graph import Residual, unsupported_layers
 from .penalty import LipschitzPenalty
 from .registry import LayerSite, declare_lipschitz, lipschitz_rule, remove_lipschitz_rule
