@@ -175,6 +175,7 @@ class CallbackLogic:
         self.result: Any = None
         self.metrics: Dict[str, float] = {}
         self.lipschitz_used: Optional[LipschitzConstants] = None
+        self.loaded_step2: Optional[Dict[str, Any]] = None  # step 2's summary, from a checkpoint
 
     # -- the hook ------------------------------------------------------------------------------------
 

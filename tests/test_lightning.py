@@ -180,6 +180,7 @@ def test_checkpoint_after_step2_reloads_the_head_and_the_constants(lit_module, t
     fresh.load_state_dict(states[fresh.state_key])
     torch.testing.assert_close(fresh.lipschitz_used.values, callback.lipschitz_used.values)
     assert fresh.metrics == callback.metrics
+    assert fresh.loaded_step2 == callback.state_dict()["step2"] and fresh.loaded_step2["best_epoch"] >= 0
     cert = reloaded.crmt.certify(*next(iter(val)), lipschitz=fresh.lipschitz_used)
     reference = lit.crmt.certify(*next(iter(val)), lipschitz=callback.lipschitz_used)
     torch.testing.assert_close(cert.radius, reference.radius)
