@@ -90,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="bn", choices=ENCODER_FAMILIES,
                    help="encoder family: bn (BatchNorm + ReLU), ln (LayerNorm + GELU + dropout), frozen (a "
                         "pretrained BatchNorm encoder per modality, frozen, with a trainable projection)")
-    p.add_argument("--select", action="store_true",
-                   help="choose each CRMT recipe's rho on the validation split among --select-candidates "
-                        "(rho = 0 included: the most robust candidate within half a point of its clean accuracy)")
+    p.add_argument("--select", dest="select", action="store_const", const=True, default=None,
+                   help="choose the rho of crmt-jt, crmt-at, crmt-trades and crmt-mix on the validation split among "
+                        "--select-candidates (rho = 0 included: the most robust candidate within half a point of "
+                        "rho = 0's clean validation accuracy); the default unless --rho is given")
+    p.add_argument("--no-select", dest="select", action="store_const", const=False,
+                   help="train every CRMT recipe once with --rho (or the library's default rho)")
     p.add_argument("--select-candidates", type=float, nargs="+", default=list(DEFAULT_CANDIDATES),
                    help="the rho values --select tries")
     p.add_argument("--integration-epochs", type=int, default=None,
@@ -142,6 +145,8 @@ def _configs(args: argparse.Namespace):
     for name in ("epochs", "max_epochs", "batch_size", "train_steps", "eval_steps", "restarts", "queries"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CRMTError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}")
+    if args.select is None:
+        args.select = args.rho is None
     if args.select:
         c = args.select_candidates
         if not c or len(set(c)) != len(c) or any(not (0 <= v < float("inf")) for v in c):
