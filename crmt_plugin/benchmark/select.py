@@ -11,6 +11,7 @@ test split is never looked at. The chosen model is then evaluated like every oth
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -40,16 +41,25 @@ def train_selected(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int
     loader = batch_list(val_x, val_y, 500)
     fill = {n: m.to(device) for n, m in data.train_mean().items()}
 
+    seconds = {"train": 0.0, "score": 0.0}
+
     def fit(rho: float) -> Trained:
-        return train(method, data, dataclasses.replace(cfg, rho=float(rho)), seed, device=device, epoch_bar=epoch_bar)
+        trained = train(method, data, dataclasses.replace(cfg, rho=float(rho)), seed, device=device,
+                        epoch_bar=epoch_bar)
+        seconds["train"] += trained.train_seconds
+        return trained
 
     def score(trained: Trained):
-        return validation_scores(trained.model, loader, radius=radius, missing_fill=fill,
-                                 generator=torch.Generator().manual_seed(seed + 5))
+        started = time.time()
+        result = validation_scores(trained.model, loader, radius=radius, missing_fill=fill,
+                                   generator=torch.Generator().manual_seed(seed + 5))
+        seconds["score"] += time.time() - started
+        return result
 
     chosen = select_rho(fit, loader, radius=radius, candidates=candidates, clean_tolerance=clean_tolerance,
                         score=score)
     trained = chosen.model
     trained.selection = {"rho": chosen.rho, "reference_clean": chosen.reference_clean, "candidates": chosen.table,
-                         "clean_tolerance": clean_tolerance}
+                         "clean_tolerance": clean_tolerance, "train_seconds_all": seconds["train"],
+                         "score_seconds": seconds["score"]}
     return trained
