@@ -20,6 +20,7 @@ check), ``testing`` (``check_certificates``: attack every certified sample insid
 is imported on first use: ``import crmt_plugin`` is enough for ``crmt_plugin.attacks.PGD``.
 """
 
+from .certified_loss import certified_loss, lipschitz_margin_loss
 from .certify import Certificate
 from .errors import CRMTError
 from .head import CRMTHead
@@ -32,8 +33,8 @@ __version__ = "0.1.0"
 
 # Public submodules, imported on first attribute access (PEP 562, as numpy and scipy do): ``import
 # crmt_plugin`` is enough for ``crmt_plugin.attacks.PGD``, and nothing optional is imported early.
-SUBMODULES = ("attacks", "benchmark", "bounds", "datasets", "distributed", "evaluation", "lightning", "models",
-              "selection", "structure", "testing")
+SUBMODULES = ("attacks", "benchmark", "bounds", "datasets", "distributed", "evaluation", "lightning",
+              "lipschitz_layers", "models", "selection", "structure", "testing")
 
 
 def __getattr__(name: str):
@@ -56,6 +57,8 @@ __all__ = [
     "CRMTHead",
     "crmt_loss",
     "margin_loss",
+    "certified_loss",
+    "lipschitz_margin_loss",
     "LipschitzConstants",
     "Certificate",
     "IntegrationResult",

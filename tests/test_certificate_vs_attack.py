@@ -80,3 +80,74 @@ def test_attack_just_outside_the_exact_radius_flips_for_identity_encoders():
     with torch.no_grad():
         flipped = (crmt(adv).logits.argmax(1) != y).double().mean()
     assert flipped > 0.9
+
+
+def random_lipschitz_model(seed: int, num_classes: int):
+    """Encoders of crmt_plugin.lipschitz_layers (AOL dense / conv, MaxMin, ConvexResidual, L2NormPool), random
+    weights, sound constants from encoder_bounds (no declaration)."""
+    from crmt_plugin.bounds import encoder_bounds
+    from crmt_plugin.lipschitz_layers import (AOLConv1d, AOLLinear, ConvexResidual, L2NormPool, MaxMin,
+                                              ModalityScale)
+
+    torch.manual_seed(seed)
+    seq = nn.Sequential(ModalityScale(torch.tensor(0.0), torch.tensor(0.5)), AOLConv1d(2, 4, 3, padding=1), MaxMin(),
+                        ConvexResidual(nn.Sequential(AOLConv1d(4, 4, 3, padding=1), MaxMin()), init=0.3),
+                        AOLConv1d(4, 6, 3, stride=2, padding=1), MaxMin(), L2NormPool(), AOLLinear(6, 6))
+    vec = nn.Sequential(AOLLinear(5, 8), MaxMin(), AOLLinear(8, 8))
+    gen = torch.Generator().manual_seed(seed)
+    encoders = {"audio": seq, "image": vec}
+    for enc in encoders.values():
+        with torch.no_grad():
+            for p in enc.parameters():
+                if p.dim() > 0:
+                    p.copy_(torch.randn(p.shape, generator=gen))
+    widths = {"audio": 6, "image": 8}
+    model = LateFusion(encoders, widths, num_classes).double()
+    crmt = CRMTWrapper(model, head="fusion.fc", modalities=widths).eval()
+    with torch.no_grad():
+        for name in widths:
+            crmt.head.integration[name].copy_(torch.randn(num_classes, generator=gen, dtype=torch.float64))
+    inputs = {"audio": torch.randn(150, 2, 7, generator=gen, dtype=torch.float64),
+              "image": torch.randn(150, 5, generator=gen, dtype=torch.float64)}
+    lip = encoder_bounds(model.encoders, {"audio": (2, 7), "image": (5,)})
+    return crmt, inputs, lip
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000), num_classes=st.integers(2, 5))
+def test_pgd_inside_sound_radius_of_lipschitz_layers_never_flips(seed, num_classes):
+    crmt, inputs, lip = random_lipschitz_model(seed, num_classes)
+    with torch.no_grad():
+        y = crmt(inputs).logits.argmax(1)
+    cert = crmt.certify(inputs, y, lipschitz=lip)
+    assert cert.sound and lip.source == "bound"
+    model = lambda x: crmt(x).logits  # noqa: E731
+    for modality, radius in [(None, cert.radius)] + [(n, cert.radius_per_modality[n]) for n in crmt.modalities]:
+        attack = PGD(eps=radius * 0.999, norm="l2", modalities=modality, steps=20, restarts=2, loss=cw_margin_loss,
+                     generator=torch.Generator().manual_seed(seed))
+        adv = attack(model, inputs, y)
+        with torch.no_grad():
+            flipped = crmt(adv).logits.argmax(1) != y
+        assert not bool(flipped.any()), (modality, radius[flipped])
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000), num_classes=st.integers(2, 5), eps=st.floats(0.05, 1.0))
+def test_certified_loss_below_log2_survives_pgd_at_eps(seed, num_classes, eps):
+    """Samples whose certified-loss term (rho = 0) is below log 2 are certified at eps: PGD at eps never flips them."""
+    import math
+
+    from crmt_plugin.certified_loss import certified_loss
+
+    crmt, inputs, lip = random_lipschitz_model(seed, num_classes)
+    with torch.no_grad():
+        crmt.head.log_scale.fill_(2.0)
+        y = crmt(inputs).logits.argmax(1)
+        per = certified_loss(crmt(inputs), y, crmt=crmt, lipschitz=lip, eps=eps, rho=0.0, reduction="none")
+    keep = per < math.log(2.0)
+    attack = PGD(eps=eps * 0.999, norm="l2", steps=20, restarts=2, loss=cw_margin_loss,
+                 generator=torch.Generator().manual_seed(seed))
+    adv = attack(lambda x: crmt(x).logits, inputs, y)
+    with torch.no_grad():
+        flipped = crmt(adv).logits.argmax(1) != y
+    assert not bool((flipped & keep).any())

@@ -20,7 +20,7 @@ sys.path.insert(0, EXAMPLES)
 # them): a missing one fails these tests loudly rather than skipping the examples.
 
 TINY = ["--epochs", "1", "--limit", "64", "--eval-steps", "2", "--eval-restarts", "1", "--queries", "20", "--quiet"]
-SCRIPTS = ["jt", "crmt_jt", "pgd_at", "crmt_at", "trades", "crmt_trades", "mixup", "crmt_mix"]
+SCRIPTS = ["jt", "crmt_jt", "pgd_at", "crmt_at", "trades", "crmt_trades", "mixup", "crmt_mix", "lip_jt", "crmt_lip"]
 COLUMNS = ("clean", "pgd_joint", "worst_joint", "pgd:audio", "pgd:image", "missing:audio", "missing:image",
            "certified_empirical", "gradient_free", "mean_robust")
 
@@ -44,6 +44,8 @@ def test_training_script_runs_and_saves(script, tmp_path):
         assert (out / "crmt.pt").is_file()
         assert saved["step2"]["mean_radius_after"] >= 0.0
     assert metrics["summary"] == summary
+    if script.endswith("lip"):  # Lipschitz-bounded encoders: the sound certificate exists
+        assert "certified_sound_note" not in saved["row"] and 0.0 <= saved["row"]["certified_sound"] <= 1.0
 
 
 def test_mfeat_six_views(tmp_path):
@@ -69,7 +71,8 @@ def test_crmt_differs_from_its_baseline_only_in_a_few_lines():
     """The advertisement in docs/examples.md: the CRMT version of a loop is the baseline plus a few lines."""
     import difflib
 
-    for base, variant in [("jt", "crmt_jt"), ("pgd_at", "crmt_at"), ("trades", "crmt_trades"), ("mixup", "crmt_mix")]:
+    for base, variant in [("jt", "crmt_jt"), ("pgd_at", "crmt_at"), ("trades", "crmt_trades"), ("mixup", "crmt_mix"),
+                          ("lip_jt", "crmt_lip")]:
         def code(name):
             text = open(os.path.join(EXAMPLES, f"{name}.py")).read()
             return text.split('"""', 2)[2].splitlines()  # without the docstring

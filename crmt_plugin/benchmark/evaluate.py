@@ -18,7 +18,9 @@ For a trained model and an l2 radius r (one joint budget sqrt(sum_m ||eps_m||^2)
 * ``missing:<m>``: modality m replaced by its train mean;
 * ``certified_empirical`` (``certified_sound``): the fraction of test samples classified correctly
   with certified radius >= r, with empirical Lipschitz constants (with sound encoder bounds from
-  :func:`crmt_plugin.bounds.encoder_bounds`; ``None`` where the bounds refuse an encoder). Plain
+  :func:`crmt_plugin.bounds.encoder_bounds`; 0 where the bounds refuse an encoder, with the reason in
+  ``certified_sound_note``); ``certified_sound:<m>``, the sound curve and the per-modality-budget region:
+  :mod:`~crmt_plugin.benchmark.sound_certificates`. Plain
   models are certified through ``CRMTWrapper(..., orthonormal=False)`` (the same logits).
 * ``gradient_masking``: ``True`` when the gradient-free attack leaves at least ``masking_margin``
   (3 points) less accuracy than ``pgd_joint`` — the gradient attacks miss errors a blind search
@@ -47,6 +49,7 @@ from ..errors import CRMTError, warn
 from ..wrapper import CRMTWrapper
 from .data import BenchmarkData, batch_list, batches
 from .models import Standardize
+from .sound_certificates import empty_summary, sound_summary
 
 __all__ = ["EvalConfig", "RandomSearchL2", "certifiable_copy", "cw_loss", "evaluate", "find_radius", "strong_attacks",
            "fast_attacks", "gradient_free_attack", "mean_robust"]
@@ -218,8 +221,9 @@ def certifiable_copy(model: nn.Module, head: str = "fusion", modalities: Optiona
 
 
 def _certified(trained: Any, data: BenchmarkData, inputs: Inputs, y: Tensor, radius: float,
-               sound: bool, head: str = "fusion") -> Tuple[float, Optional[float], Optional[str]]:
-    """(empirical certified accuracy, sound certified accuracy or None, why the sound one is None)."""
+               sound: bool, head: str = "fusion") -> Tuple[float, Optional[Dict[str, Any]], Optional[str]]:
+    """(empirical certified accuracy, the sound entries of :func:`~.sound_certificates.sound_summary` or None,
+    why the sound ones are None)."""
     model = trained.model
     if trained.crmt is not None:
         wrapper, lip = trained.crmt, trained.lipschitz
@@ -241,8 +245,7 @@ def _certified(trained: Any, data: BenchmarkData, inputs: Inputs, y: Tensor, rad
         if encoders is None:
             return empirical, None, "the model has no `encoders` mapping to bound"
         sound_lip = bounds.encoder_bounds(encoders, data.sample_shapes())
-        radii = [wrapper.certify(xb, yb, lipschitz=sound_lip).radius for xb, yb in batches(inputs, y, 1000)]
-        return empirical, float((torch.cat(radii) >= radius).double().mean()), None
+        return empirical, sound_summary(wrapper, sound_lip, inputs, y, radius), None
     except (CRMTError, AttributeError, NotImplementedError) as exc:
         return empirical, None, str(exc).splitlines()[0][:200]
 
@@ -292,7 +295,7 @@ def evaluate(trained: Any, data: BenchmarkData, radius: float, cfg: EvalConfig, 
     row["gradient_masking"] = bool(row["gradient_free"] <= row["pgd_joint"] - cfg.masking_margin)
     empirical, sound, why = _certified(trained, data, inputs, y, radius, cfg.sound, head)
     row["certified_empirical"] = empirical
-    row["certified_sound"] = sound
+    row.update(sound if sound is not None else empty_summary(mods))  # certified_sound(:<m>): 0 without a bound
     if why is not None:
         row["certified_sound_note"] = why
     row["mean_robust"] = mean_robust(row, mods)

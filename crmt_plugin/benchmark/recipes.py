@@ -46,14 +46,16 @@ from ..errors import CRMTError
 from ..loss import crmt_loss
 from ..wrapper import CRMTWrapper
 from .data import BenchmarkData, batch_list, batches, standardization
+from .lipschitz_models import LIPSCHITZ_METHODS, lipschitz_loss, lipschitz_model, sound_constants
 from .models import ENCODER_FAMILIES, BenchmarkNet, FrozenEncoder, build_model, encoder_for
 
 __all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "INTEGRATION_INIT", "TrainConfig", "Trained", "train",
            "check_methods", "accuracy", "BestOnValidation", "new_model", "Schedule", "training_schedule",
            "DEFAULT_MIN_STEPS"]
 
-METHODS = ("jt", "crmt-jt", "pgd-at", "crmt-at", "trades", "crmt-trades", "mixup", "crmt-mix", "paper-crmt-jt")
-CRMT_METHODS = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix", "paper-crmt-jt")
+METHODS = ("jt", "crmt-jt", "pgd-at", "crmt-at", "trades", "crmt-trades", "mixup", "crmt-mix", "paper-crmt-jt",
+           *LIPSCHITZ_METHODS)
+CRMT_METHODS = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix", "paper-crmt-jt", "crmt-lip")
 ADVERSARIAL = ("pgd-at", "crmt-at", "trades", "crmt-trades")
 # CRMT methods whose head has the shared scale (the CRMTWrapper default, shared_scale=True, scale_gain=1): all
 # but the paper's recipe, which has the paper's a = softplus(alpha) (docs/method.md, "The shared scale")
@@ -66,7 +68,7 @@ SHARED_SCALE = tuple(m for m in CRMT_METHODS if m != "paper-crmt-jt")
 INTEGRATION_INIT = {"crmt-jt": 0.1, "crmt-mix": 0.1, "crmt-at": None, "crmt-trades": None, "paper-crmt-jt": 0.1}
 # (baseline, variant): the comparisons of the report
 PAIRS = (("jt", "crmt-jt"), ("pgd-at", "crmt-at"), ("trades", "crmt-trades"), ("mixup", "crmt-mix"),
-         ("jt", "paper-crmt-jt"), ("paper-crmt-jt", "crmt-jt"))
+         ("jt", "paper-crmt-jt"), ("paper-crmt-jt", "crmt-jt"), ("lip-jt", "crmt-lip"))
 
 
 # The training budget is counted in optimiser steps, not epochs: 30 epochs of a 32-sample set at batch 64 are 30
@@ -392,11 +394,12 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     check_methods([method])
     started, cpu_started = time.time(), time.process_time()
     torch.manual_seed(seed)
-    model = new_model(data, cfg.encoder, cfg, seed).to(device)
+    model = lipschitz_model(data) if method in LIPSCHITZ_METHODS else new_model(data, cfg.encoder, cfg, seed)
+    model = model.to(device)
     crmt: Optional[CRMTWrapper] = None
     if method in CRMT_METHODS:
         init = {} if method in SHARED_SCALE else {"shared_scale": False}
-        start = INTEGRATION_INIT[method] if cfg.integration_init is None or method == "paper-crmt-jt" else (
+        start = INTEGRATION_INIT.get(method) if cfg.integration_init is None or method == "paper-crmt-jt" else (
             None if cfg.integration_init == "fit" else float(cfg.integration_init))
         if start is not None:
             init["integration_init"] = start
@@ -420,6 +423,8 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     mix = torch.distributions.Beta(cfg.alpha, cfg.alpha)
 
     def loss_of(inputs: Dict[str, Tensor], y: Tensor) -> Tensor:
+        if method in LIPSCHITZ_METHODS:  # certified training of Lipschitz encoders (lipschitz_models.py)
+            return lip_loss(inputs, y)
         if method == "jt":
             return F.cross_entropy(model(**inputs), y)
         if method in ("crmt-jt", "paper-crmt-jt"):
@@ -451,6 +456,8 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     selection = BestOnValidation()
     history: List[Dict[str, float]] = []
     schedule = training_schedule(int(train_y.shape[0]), cfg)
+    if method in LIPSCHITZ_METHODS:
+        lip_loss = lipschitz_loss(method, model, crmt, cfg.train_eps, schedule.steps)
     epochs = range(1, schedule.epochs + 1)
     bar = epoch_bar(epochs) if epoch_bar is not None else epochs
     for epoch in bar:
@@ -479,7 +486,8 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
         val_loader = batch_list(val_x, val_y)
         lipschitz = crmt.estimate_lipschitz(train_loader)
         fill = {n: m.to(device).expand(data.x[n].shape[1:]).clone() for n, m in data.train_mean().items()}
-        step2 = _step2(method, crmt, train_loader, val_loader, lipschitz, cfg, seed, fill, schedule.epochs)
+        step2_lip = sound_constants(model, data) if method in LIPSCHITZ_METHODS else lipschitz  # crmt-lip: sound
+        step2 = _step2(method, crmt, train_loader, val_loader, step2_lip, cfg, seed, fill, schedule.epochs)
         plain = crmt.export().eval()
     else:
         plain = model

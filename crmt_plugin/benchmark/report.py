@@ -23,14 +23,15 @@ from ..errors import CRMTError, warn
 from .recipes import PAIRS
 
 __all__ = ["columns", "summarize", "pair_differences", "write_json", "render_markdown", "write_markdown",
-           "plot_robustness", "load_results"]
+           "plot_robustness", "load_results", "sound_region_lines"]
 
 
 def columns(modalities: Sequence[str]) -> List[str]:
     """The table's accuracy columns, in order."""
     return (["clean", "pgd_joint", "worst_joint"] + [f"pgd:{m}" for m in modalities]
             + [f"missing:{m}" for m in modalities]
-            + ["gradient_free", "certified_empirical", "certified_sound", "mean_robust"])
+            + ["gradient_free", "certified_empirical", "certified_sound"]
+            + [f"certified_sound:{m}" for m in modalities] + ["mean_robust"])
 
 
 def _values(rows: Sequence[Mapping[str, Any]], method: str, key: str) -> Dict[int, float]:
@@ -124,7 +125,8 @@ def _label(column: str) -> str:
     return {"clean": "clean", "pgd_joint": "PGD joint", "worst_joint": "worst joint",
             "gradient_free": "gradient-free", "certified_empirical": "cert. (emp.)",
             "certified_sound": "cert. (sound)", "mean_robust": "mean robust"}.get(
-        column, column.replace("pgd:", "PGD ").replace("missing:", "missing "))
+        column, column.replace("certified_sound:", "cert. sound ").replace("pgd:", "PGD ").replace(
+            "missing:", "missing "))
 
 
 def render_markdown(results: Mapping[str, Any], title: str = "crmt-benchmark results") -> str:
@@ -177,12 +179,46 @@ def render_markdown(results: Mapping[str, Any], title: str = "crmt-benchmark res
         lines.append("No model flagged: on every model the gradient-free attack left at least as much accuracy as "
                      "the gradient attacks, minus "
                      f"{100 * results.get('masking_margin', 0.03):.0f} points.")
+    lines += sound_region_lines(rows, mods, results["radius"])
     notes = sorted({r.get("certified_sound_note") for r in rows if r.get("certified_sound_note")})
     if notes:
         lines += ["", "Sound certificates not available: " + "; ".join(notes)]
     if results.get("command"):
         lines += ["", f"Command: `{results['command']}` ({results.get('seconds', 0):.0f} s)."]
     return "\n".join(lines) + "\n"
+
+
+def sound_region_lines(rows: Sequence[Mapping[str, Any]], modalities: Sequence[str], radius: float) -> List[str]:
+    """``results.md``'s per-modality-budget region: per method (mean over seeds), the % of test samples certified
+    under every perturbation with ||eps^(m)|| <= budget_m of the first two modalities at once (the others 0)."""
+    with_region = [r for r in rows if r.get("certified_sound_region")]
+    if not with_region or len(modalities) < 2:
+        return []
+    first, second = modalities[0], modalities[1]
+    lines = ["", "## Sound certified region (per-modality budgets)", "",
+             f"% of test samples certified under every perturbation with ||eps_{first}|| <= row budget and "
+             f"||eps_{second}|| <= column budget at once (`Certificate.certified`), sound constants; r = {radius:g}; "
+             "mean over seeds."]
+    for method in dict.fromkeys(r["method"] for r in with_region):
+        cells: Dict[Any, List[float]] = {}
+        for r in with_region:
+            if r["method"] != method:
+                continue
+            for entry in r["certified_sound_region"]:
+                eps = entry["eps"]
+                if any(float(v) for k, v in eps.items() if k not in (first, second)):
+                    continue
+                cells.setdefault((float(eps.get(first, 0.0)), float(eps.get(second, 0.0))), []).append(
+                    float(entry["certified"]))
+        xs = sorted({k[0] for k in cells})
+        ys = sorted({k[1] for k in cells})
+        lines += ["", f"**{method}** (rows: {first} budget, columns: {second} budget)", "",
+                  f"| {first} \\ {second} | " + " | ".join(f"{v:g}" for v in ys) + " |",
+                  "|---|" + "|".join("--:" for _ in ys) + "|"]
+        for xv in xs:
+            lines.append(f"| {xv:g} | " + " | ".join(
+                _pct(statistics.fmean(cells[(xv, yv)])) if (xv, yv) in cells else "–" for yv in ys) + " |")
+    return lines
 
 
 def write_markdown(path: str, results: Mapping[str, Any]) -> str:
