@@ -80,10 +80,14 @@ def test_worst_case_untouched_modalities_budgets_and_replace():
 
 
 def test_presets():
+    full = strong_attack(1.0, bounds={"image": (0.0, 1.0)}, generator=torch.Generator().manual_seed(0), preset="full")
+    assert isinstance(full, WorstCase) and full.label == "strong-l2"
+    assert [a.schedule for a in full.attacks] == ["apgd"] * 4 and all(a.steps >= 50 for a in full.attacks)
+    assert full.cost == {"forward_backward": 459, "forward": 5}  # the clean forward ranks the targets
     strong = strong_attack(1.0, bounds={"image": (0.0, 1.0)}, generator=torch.Generator().manual_seed(0))
-    assert isinstance(strong, WorstCase) and strong.label == "strong-l2"
-    assert [a.schedule for a in strong.attacks] == ["apgd"] * 4 and all(a.steps >= 50 for a in strong.attacks)
-    assert strong.cost == {"forward_backward": 459, "forward": 6}
+    runs = [getattr(a, "attack", a) for a in strong.attacks]
+    assert [a.schedule for a in runs] == ["apgd"] * 4 and [a.steps for a in runs] == [20, 20, 50, 50]
+    assert strong.cost == {"forward_backward": 84 + 612, "forward": 5}
     fast = fast_attack(1.0)
     assert isinstance(fast, PGD) and fast.steps == 10 and fast.label == "PGD-l2"
     assert "weaker" in fast_attack.__doc__.lower()

@@ -127,8 +127,24 @@ class Best:
         self.margin: Optional[Tensor] = None
 
     def consider(self, deltas: Mapping[str, Tensor], score: Tensor, wrong: Tensor,
-                 margin: Optional[Tensor] = None) -> Tensor:
-        """Keep the candidate where it is better; returns the (B,) bool of samples it improved."""
+                 margin: Optional[Tensor] = None, index: Optional[Tensor] = None) -> Tensor:
+        """Keep the candidate where it is better; returns the (B,) bool of samples it improved.
+
+        ``index`` (n,): the candidate covers only these rows of the tracked batch (its tensors have
+        n rows; the tracker must already hold a full-size candidate)."""
+        if index is not None:
+            assert self.deltas is not None and self.score is not None and self.wrong is not None
+            sub = Best()
+            sub.deltas = {n: d[index] for n, d in self.deltas.items()}
+            sub.score, sub.wrong = self.score[index], self.wrong[index]
+            sub.margin = self.margin[index] if self.margin is not None else None
+            better = sub.consider(deltas, score, wrong, margin)
+            for n, d in sub.deltas.items():
+                self.deltas[n][index] = d
+            self.score[index], self.wrong[index] = sub.score, sub.wrong
+            if self.margin is not None and sub.margin is not None:
+                self.margin[index] = sub.margin
+            return better
         if self.deltas is None:
             self.deltas = {n: d.detach().clone() for n, d in deltas.items()}
             self.score, self.wrong = score.clone(), wrong.clone()
@@ -150,7 +166,14 @@ class AttackBatch:
 
     Attributes: ``model``, ``names`` (attacked modalities), ``xs`` (their clean tensors, detached),
     ``y``, ``labels`` (``y`` when it holds class indices, else ``None``), ``batch`` (B), ``groups``
-    (:class:`Group` list), ``bounds`` ({name: (lo, hi)} tensors), ``call``.
+    (:class:`Group` list), ``bounds`` ({name: (lo, hi)} tensors), ``call``, ``rows`` (B,): the
+    positions of these samples in the batch the attack was called on (see :meth:`subset`).
+
+    **Sub-batches.** :meth:`subset` gives the same batch restricted to some samples: an attack that
+    drops the samples it has already fooled works on ever smaller sub-batches. Random noise
+    (:meth:`noise`) is always drawn for the whole called batch and then indexed, so each sample sees
+    the same random numbers whichever other samples are still in the batch: on a model without
+    interaction between samples, a sample's attack trajectory does not depend on the others.
     """
 
     def __init__(self, attack: "Attack", model: Any, inputs: Mapping[str, Tensor], y: Tensor) -> None:
@@ -185,6 +208,55 @@ class AttackBatch:
         self.bounds = attack.bounds_for(names, inputs)
         # what the model sees for the fixed modalities (inference-mode tensors cannot enter autograd)
         self.held = {k: (v.clone() if isinstance(v, Tensor) and v.is_inference() else v) for k, v in inputs.items()}
+        self.rows = torch.arange(batch, device=y.device)
+        self.root_size = batch
+        self.is_root = True  # False for a sub-batch (:meth:`subset`)
+        self.shared: Dict[str, Any] = {}  # per called batch, shared by every sub-batch (the clean logits)
+
+    # -- sub-batches --------------------------------------------------------------------------------
+
+    def subset(self, index: Tensor) -> "AttackBatch":
+        """This batch restricted to the samples at positions ``index`` (n,) of it (a long tensor, or a
+        (B,) bool mask): inputs, labels, budgets and per-sample bounds are indexed, ``rows`` maps to
+        the called batch, noise and the clean logits are shared."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(1)
+        index = index.to(self.rows.device)
+        sub = object.__new__(AttackBatch)
+        sub.__dict__.update(self.__dict__)
+        b = self.batch
+
+        def take(v: Any) -> Any:
+            if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == b:
+                return v[index.to(v.device)]
+            return v
+
+        sub.rows = self.rows[index]
+        sub.is_root = False
+        sub.batch = int(index.numel())
+        sub.xs = {n: x[index.to(x.device)] for n, x in self.xs.items()}
+        sub.y = self.y[index.to(self.y.device)]
+        sub.labels = sub.y if self.labels is not None else None
+        sub.held = {k: take(v) for k, v in self.held.items()}
+        sub.inputs = {k: take(v) for k, v in self.inputs.items()}
+        sub.groups = [Group(g.names, g.eps[index.to(g.eps.device)], g.ball) for g in self.groups]
+        bounds: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for n, pair in self.bounds.items():
+            dims = self.xs[n].dim()
+            bounds[n] = tuple(  # type: ignore[assignment]
+                t[index.to(t.device)] if (t.dim() == dims and t.shape[0] == b and b > 1) else t for t in pair)
+        sub.bounds = bounds
+        return sub
+
+    def clean_logits(self) -> Tensor:
+        """The model's logits (B, K) at the clean inputs: one forward for the called batch, shared by
+        its sub-batches (and by the members of a :class:`~crmt_plugin.attacks.WorstCase`)."""
+        clean = self.shared.get("clean")
+        if clean is None:
+            if not self.is_root:  # computed on this sub-batch only
+                return self.logits(self.zeros())
+            clean = self.shared["clean"] = self.logits(self.zeros())
+        return clean if self.is_root else clean[self.rows.to(clean.device)]
 
     # -- model evaluations --------------------------------------------------------------------------
 
@@ -236,18 +308,27 @@ class AttackBatch:
         return {n: torch.zeros_like(self.xs[n]) for n in self.names}
 
     def noise(self, generator: Optional[torch.Generator]) -> Callable[[Tensor, str], Tensor]:
-        """``noise(like, kind)``: normal / uniform / sign (+-1) noise shaped like ``like``, drawn from
-        ``generator`` on its device and moved to ``like``'s device."""
+        """``noise(like, kind)``: normal / uniform / sign (+-1) noise shaped like ``like`` (batch
+        first), drawn from ``generator`` on its device and moved to ``like``'s device. Drawn for the
+        whole called batch and indexed by :attr:`rows`, so a sub-batch's samples get the numbers they
+        would get in the whole batch."""
+        rows, root, whole = self.rows, self.root_size, self.is_root
 
         def draw(like: Tensor, kind: str) -> Tensor:
             device = generator.device if generator is not None else like.device
             acc = torch.promote_types(like.dtype, torch.float32)
+            shape = like.shape
+            partial = not whole and like.dim() >= 1 and like.shape[0] == rows.numel()
+            if partial:
+                shape = torch.Size((root,) + tuple(like.shape[1:]))
             if kind == "normal":
-                t = torch.randn(like.shape, generator=generator, device=device, dtype=acc)
+                t = torch.randn(shape, generator=generator, device=device, dtype=acc)
             elif kind == "uniform":
-                t = torch.rand(like.shape, generator=generator, device=device, dtype=acc)
+                t = torch.rand(shape, generator=generator, device=device, dtype=acc)
             else:
-                t = torch.randint(0, 2, like.shape, generator=generator, device=device).to(acc) * 2 - 1
+                t = torch.randint(0, 2, shape, generator=generator, device=device).to(acc) * 2 - 1
+            if partial:
+                t = t[rows.to(t.device)]
             return t.to(like.device)
 
         return draw

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union  # noqa: F401
 
 import torch
 from torch import Tensor
@@ -63,10 +63,21 @@ class PGD(Attack):
             Needs class labels as ``y``.
         keep_best: per sample, return the worst-case iterate seen over all steps (default) rather
             than the last one (the APGD schedule always keeps the best).
+        cascade: ``False`` (default): every run attacks the whole batch for all its steps and each
+            sample gets its highest-loss point (what adversarial training needs). ``True`` (for
+            evaluation; :func:`~crmt_plugin.attacks.strong_attack` sets it): a run drops a sample
+            from its working batch as soon as it is misclassified, keeping that input, and each
+            later restart / targeted run attacks only the samples no earlier run fooled. The same
+            samples end up fooled (each sample's trajectory does not depend on the others: the
+            random starts are drawn for the whole batch, see
+            :meth:`~crmt_plugin.attacks.base.AttackBatch.subset`), at the cost of the samples still
+            standing only; a fooled sample's returned input is the first one that fooled it.
 
     Cost per call: ``max(1, targets) * restarts * steps`` forward+backward passes, plus one forward
     pass per run (constant schedule with ``keep_best``), one forward+backward per run (APGD: its
-    start point), and one forward for targeted runs (to rank the classes).
+    start point), and one forward for targeted runs (to rank the classes; shared with the other
+    members of a :class:`~crmt_plugin.attacks.WorstCase`). With ``cascade=True`` these are upper
+    bounds per sample: a sample costs passes only while it stands.
 
     Call: ``attack(model, inputs, y) -> dict`` with the same keys as ``inputs``; device and dtype
     follow the inputs. The model's parameter gradients are left untouched.
@@ -92,10 +103,13 @@ class PGD(Attack):
         schedule: str = "constant",
         targets: int = 0,
         call: Optional[ModelCall] = None,
+        cascade: bool = False,
     ) -> None:
         super().__init__(eps, norm=norm, modalities=modalities, bounds=bounds, generator=generator,
                          eval_mode=eval_mode, call=call)
         where = type(self).__name__
+        if not isinstance(cascade, bool):
+            raise CRMTError(f"{where}: cascade must be True or False, found {cascade!r}")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise CRMTError(f"{where}: steps must be a positive int, found {steps!r}")
         if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
@@ -123,8 +137,9 @@ class PGD(Attack):
         self.keep_best = keep_best
         self.schedule = schedule
         self.targets = targets
+        self.cascade = cascade
         self._config.update(steps=steps, step_size=step_size, random_start=random_start, restarts=restarts,
-                            loss=loss, keep_best=keep_best, schedule=schedule, targets=targets)
+                            loss=loss, keep_best=keep_best, schedule=schedule, targets=targets, cascade=cascade)
 
     @property
     def label(self) -> str:
@@ -162,9 +177,9 @@ class PGD(Attack):
     def _start(self, batch: AttackBatch) -> Dict[str, Tensor]:
         return batch.random_start(self.generator) if self.random_start else batch.zeros()
 
-    def run(self, batch: AttackBatch) -> Dict[str, Tensor]:
-        losses: List[Callable[[Tensor], Tensor]] = []
-        y = batch.y
+    def _objective(self, batch: AttackBatch) -> Tuple[List[Optional[Tensor]], Callable[..., Tensor]]:
+        """(one target per targeted run, as a (root,) tensor over the called batch, or [None]; the loss
+        ``fn(logits, y[, target])``)."""
         fn = self.loss
         if self.loss_name == "dlr" and isinstance(self._config["loss"], str):  # undefined for few classes
             dlr, cw, least = self.loss, resolve_loss("cw", targeted=self.targets > 0)[1], 4 if self.targets else 3
@@ -172,58 +187,106 @@ class PGD(Attack):
             def fn(z: Tensor, *args: Tensor) -> Tensor:
                 return (dlr if z.shape[1] >= least else cw)(z, *args)
 
-        if self.targets:
-            if batch.labels is None:
-                raise CRMTError(f"{self.label}: targeted runs need class labels (B,) as y")
-            clean = batch.logits(batch.zeros())
-            if clean.shape[1] < 2:
-                raise CRMTError(f"{self.label}: targeted runs need at least 2 classes")
-            ranked = clean.scatter(1, batch.labels.long().unsqueeze(1), float("-inf")).argsort(dim=1, descending=True)
-            for t in range(min(self.targets, clean.shape[1] - 1)):
-                target = ranked[:, t]
-                losses.append(lambda z, target=target: fn(z, y, target))
-        else:
-            losses.append(lambda z: fn(z, y))
+        if not self.targets:
+            return [None], fn
+        if batch.labels is None:
+            raise CRMTError(f"{self.label}: targeted runs need class labels (B,) as y")
+        clean = batch.clean_logits()
+        if clean.shape[1] < 2:
+            raise CRMTError(f"{self.label}: targeted runs need at least 2 classes")
+        ranked = clean.scatter(1, batch.labels.long().unsqueeze(1).to(clean.device), float("-inf")).argsort(
+            dim=1, descending=True)
+        targets = []
+        for t in range(min(self.targets, clean.shape[1] - 1)):
+            full = torch.zeros(batch.root_size, dtype=torch.long, device=batch.rows.device)
+            full[batch.rows] = ranked[:, t].to(full.device)
+            targets.append(full)
+        return targets, fn
+
+    @staticmethod
+    def _loss_for(fn: Callable[..., Tensor], target: Optional[Tensor]) -> Callable[[AttackBatch], Callable]:
+        """``make(batch) -> loss(logits)`` for a (sub-)batch: the labels and targets of its rows."""
+        def make(batch: AttackBatch) -> Callable[[Tensor], Tensor]:
+            y = batch.y
+            if target is None:
+                return lambda z: fn(z, y)
+            t = target[batch.rows].to(y.device)
+            return lambda z: fn(z, y, t)
+        return make
+
+    def run(self, batch: AttackBatch) -> Dict[str, Tensor]:
+        targets, fn = self._objective(batch)
+        runs = [(target, r) for target in targets for r in range(self.restarts)]
+        if len(runs) == 1 and not self.cascade:
+            return self._one(batch, self._loss_for(fn, targets[0]), evaluate_last=False).deltas  # type: ignore
         overall = Best()
-        runs = len(losses) * self.restarts
-        for loss in losses:
-            for _ in range(self.restarts):
-                if self.schedule == "apgd":
-                    result = self._apgd(batch, loss)
-                else:
-                    result = self._constant(batch, loss, evaluate_last=runs > 1)
-                if runs == 1:
-                    return result.deltas  # type: ignore[return-value]
-                score = result.margin if (self.targets and result.margin is not None) else result.score
-                assert result.deltas is not None and score is not None and result.wrong is not None
-                overall.consider(result.deltas, score, result.wrong)
+        for k, (target, _) in enumerate(runs):
+            if self.cascade and overall.wrong is not None:
+                standing = (~overall.wrong).nonzero().squeeze(1)
+                if standing.numel() == 0:
+                    break
+                sub = batch.subset(standing) if standing.numel() < batch.batch else batch
+            else:
+                standing, sub = None, batch
+            result = self._one(sub, self._loss_for(fn, target), evaluate_last=True)
+            score = result.margin if (self.targets and result.margin is not None) else result.score
+            assert result.deltas is not None and score is not None and result.wrong is not None
+            overall.consider(result.deltas, score, result.wrong,
+                             index=standing if (standing is not None and sub is not batch) else None)
         assert overall.deltas is not None
         return overall.deltas
 
-    def _constant(self, batch: AttackBatch, loss: Callable[[Tensor], Tensor], evaluate_last: bool) -> Best:
+    def _one(self, batch: AttackBatch, make_loss: Callable[[AttackBatch], Callable], evaluate_last: bool) -> Best:
+        if self.schedule == "apgd":
+            return self._apgd(batch, make_loss)
+        return self._constant(batch, make_loss, evaluate_last=evaluate_last)
+
+    def _drop(self, best: Best, active: Tensor, batch: AttackBatch, wrong: Tensor
+              ) -> Tuple[Optional[Tensor], Tensor, AttackBatch]:
+        """Cascade: the samples of the working batch not yet fooled (``keep`` (n,) bool or None when
+        all stay), their positions in the run's batch, and the smaller working batch."""
+        if not self.cascade or not bool(wrong.any()):
+            return None, active, batch
+        keep = ~wrong
+        return keep, active[keep], batch.subset(keep.nonzero().squeeze(1))
+
+    def _constant(self, batch: AttackBatch, make_loss: Callable[[AttackBatch], Callable],
+                  evaluate_last: bool) -> Best:
         best = Best()
         sizes = self._sizes(batch, 2.5 / self.steps)
         deltas = self._start(batch)
+        work, active = batch, torch.arange(batch.batch, device=batch.rows.device)
+        loss = make_loss(work)
+        tracked = self.keep_best or self.cascade
         for _ in range(self.steps):
-            value, wrong, margin, grads = batch.evaluate(deltas, loss, need_grad=True)
-            if self.keep_best:
-                best.consider(deltas, value, wrong, margin)
+            value, wrong, margin, grads = work.evaluate(deltas, loss, need_grad=True)
+            if tracked:
+                best.consider(deltas, value, wrong, margin, index=None if best.deltas is None else active)
             assert grads is not None
-            deltas = batch.project(batch.step(deltas, grads, sizes))
-        if self.keep_best or evaluate_last:
-            value, wrong, margin, _ = batch.evaluate(deltas, loss, need_grad=False)
-            best.consider(deltas, value, wrong, margin)
+            deltas = work.project(work.step(deltas, grads, sizes))
+            keep, active, work = self._drop(best, active, work, wrong)
+            if keep is not None:
+                if work.batch == 0:
+                    return best
+                deltas = {n: d[keep] for n, d in deltas.items()}
+                sizes = [s[keep] for s in sizes]
+                loss = make_loss(work)
+        if tracked or evaluate_last:
+            value, wrong, margin, _ = work.evaluate(deltas, loss, need_grad=False)
+            best.consider(deltas, value, wrong, margin, index=None if best.deltas is None else active)
         else:
             best.deltas = deltas
         return best
 
-    def _apgd(self, batch: AttackBatch, loss: Callable[[Tensor], Tensor]) -> Best:
+    def _apgd(self, batch: AttackBatch, make_loss: Callable[[AttackBatch], Callable]) -> Best:
         steps = self.steps
         interval = max(int(0.22 * steps), 1)
         shrink, shortest = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
         sizes = self._sizes(batch, 2.0)
         x = self._start(batch)
-        value, wrong, margin, grad = batch.evaluate(x, loss, need_grad=True)
+        work, active = batch, torch.arange(batch.batch, device=batch.rows.device)
+        loss = make_loss(work)
+        value, wrong, margin, grad = work.evaluate(x, loss, need_grad=True)
         assert grad is not None
         best = Best()
         best.consider(x, value, wrong, margin)
@@ -234,13 +297,23 @@ class PGD(Attack):
         halved_last = torch.ones_like(wrong)
         since = 0
         for i in range(steps):
+            keep, active, work = self._drop(best, active, work, wrong)
+            if keep is not None:  # the fooled samples leave the run, their fooling input kept in `best`
+                if work.batch == 0:
+                    return best
+                x, x_prev, grad = ({n: t[keep] for n, t in d.items()} for d in (x, x_prev, grad))
+                x_best, grad_best = ({n: t[keep] for n, t in d.items()} for d in (x_best, grad_best))
+                sizes = [s[keep] for s in sizes]
+                best_loss, previous_loss, rises = best_loss[keep], previous_loss[keep], rises[keep]
+                best_at_check, halved_last = best_at_check[keep], halved_last[keep]
+                loss = make_loss(work)
             momentum = 0.75 if i > 0 else 1.0
-            z = batch.project(batch.step(x, grad, sizes))
+            z = work.project(work.step(x, grad, sizes))
             moved = {n: x[n] + momentum * (z[n] - x[n]) + (1 - momentum) * (x[n] - x_prev[n]) for n in x}
-            x_prev, x = x, batch.project(moved)
-            value, wrong, margin, grad = batch.evaluate(x, loss, need_grad=True)
+            x_prev, x = x, work.project(moved)
+            value, wrong, margin, grad = work.evaluate(x, loss, need_grad=True)
             assert grad is not None
-            best.consider(x, value, wrong, margin)
+            best.consider(x, value, wrong, margin, index=active)
             rises = rises + (value > previous_loss).to(rises.dtype)
             previous_loss = value
             improved = value > best_loss

@@ -89,8 +89,9 @@ class Square(Attack):
         p_init: initial fraction of a modality's coordinates per window (0.8, as torchattacks),
             halved on Square's schedule.
 
-    Cost per call: ``queries + 1`` forward passes, no backward (early exit when every sample is
-    fooled). Needs class labels ``y``.
+    Cost per call: at most ``queries + 1`` forward passes per sample, no backward: each query
+    evaluates only the samples not yet misclassified (a fooled sample keeps its input; the others
+    search exactly as they would in the whole batch). Needs class labels ``y``.
     """
 
     name = "Square"
@@ -229,14 +230,30 @@ class Square(Attack):
         best = self._init(batch)
         wrong, margin = batch.wrong_and_margin(batch.logits(best))
         assert margin is not None
+        # only the samples still standing are queried: a fooled sample never changes again, and the
+        # noise of a sub-batch is that of the whole batch (AttackBatch.noise), so each sample's
+        # search is the one it would have in the whole batch
+        active = (~wrong).nonzero().squeeze(1)
+        work = batch.subset(active) if active.numel() < batch.batch else batch
+        current = {n: d[active] for n, d in best.items()}
+        standing_margin = margin[active]
         for i in range(self.queries):
-            if bool(wrong.all()):
+            if active.numel() == 0:
                 break
-            candidate = self._propose(batch, best, i)
-            new_wrong, new_margin = batch.wrong_and_margin(batch.logits(candidate))
+            candidate = self._propose(work, current, i)
+            new_wrong, new_margin = work.wrong_and_margin(work.logits(candidate))
             assert new_margin is not None
-            accept = ~wrong & (new_wrong | (new_margin > margin))
-            best = {n: torch.where(bcast(accept, best[n]).bool(), candidate[n], best[n]) for n in best}
-            margin = torch.where(accept, new_margin, margin)
-            wrong = wrong | (accept & new_wrong)
+            accept = new_wrong | (new_margin > standing_margin)
+            current = {n: torch.where(bcast(accept, current[n]).bool(), candidate[n], current[n]) for n in current}
+            standing_margin = torch.where(accept, new_margin, standing_margin)
+            fooled = accept & new_wrong
+            if bool(fooled.any()):
+                for n in best:
+                    best[n][active] = current[n]
+                keep = ~fooled
+                active, standing_margin = active[keep], standing_margin[keep]
+                current = {n: d[keep] for n, d in current.items()}
+                work = work.subset(keep.nonzero().squeeze(1))
+        for n in best:
+            best[n][active] = current[n]
         return best
