@@ -69,8 +69,10 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None, crmt: boo
     p.add_argument("--beta", type=float, default=6.0, help="TRADES weight of the KL term")
     p.add_argument("--alpha", type=float, default=1.0, help="Mixup: lambda ~ Beta(alpha, alpha)")
     p.add_argument("--radius", type=float, default=None, help="l2 radius of the evaluation (default 2; file 1)")
-    p.add_argument("--eval-steps", type=int, default=50, help="steps of the strong evaluation attack")
-    p.add_argument("--eval-restarts", type=int, default=2, help="restarts of the strong evaluation attack")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="steps of the strong evaluation attack (default: strong_attack's preset)")
+    p.add_argument("--eval-restarts", type=int, default=None,
+                   help="restarts of the strong evaluation attack (default: strong_attack's preset)")
     p.add_argument("--queries", type=int, default=1000, help="queries of the gradient-free evaluation attack")
     p.add_argument("--max-test", type=int, default=None, help="attack only the first N test samples")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split (smoke tests)")

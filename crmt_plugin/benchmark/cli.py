@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import shlex
 import sys
@@ -100,13 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the rho values --select tries")
     p.add_argument("--integration-epochs", type=int, default=None,
                    help="step-2 epochs (default: the library's default)")
-    p.add_argument("--eval-steps", type=int, default=50, help="steps of the strong PGD (fallback attack)")
-    p.add_argument("--restarts", type=int, default=2, help="restarts of the strong PGD (fallback attack)")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="steps of the strong attack's first stage (default: strong_attack's preset)")
+    p.add_argument("--restarts", type=int, default=None,
+                   help="restarts of the strong attack's untargeted DLR run (default: strong_attack's preset, none)")
     p.add_argument("--queries", type=int, default=1000, help="queries of the gradient-free attack")
     p.add_argument("--max-test", type=int, default=None, help="attack only the first N test samples")
     p.add_argument("--no-sound", action="store_true", help="skip the sound certificates")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the independent (method, seed) jobs in N parallel processes, one torch thread each "
+                        "(the same results as --jobs 1 --threads 1)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 epochs, weak attacks, 64 test samples (numbers meaningless)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -142,7 +148,7 @@ def _integration_init(value: Optional[str]):
 
 
 def _configs(args: argparse.Namespace):
-    for name in ("epochs", "max_epochs", "batch_size", "train_steps", "eval_steps", "restarts", "queries"):
+    for name in ("epochs", "max_epochs", "batch_size", "train_steps", "eval_steps", "restarts", "queries", "jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CRMTError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}")
     if args.select is None:
@@ -183,6 +189,27 @@ def _configs(args: argparse.Namespace):
     return radius, train_cfg, eval_cfg
 
 
+def _one_job(method: str, seed: int, spec: Dict[str, Any], data: Any = None, trained: Any = None,
+             epoch_bar: Any = None) -> Dict[str, Any]:
+    """Train (unless ``trained`` is given) and evaluate one (method, seed) job, write its model.pt and
+    return its row. Without ``data`` it runs in a worker process: one torch thread, the data read from
+    ``spec["data"]``."""
+    if data is None:
+        torch.set_num_threads(1)
+        data = load_npz(spec["data"], data_seed=spec["data_seed"])
+    device = torch.device(spec["device"])
+    if trained is None:
+        trained = (train_selected(method, data, spec["train_cfg"], seed, spec["radius"], candidates=spec["candidates"],
+                                  device=device, epoch_bar=epoch_bar) if spec["select"] else
+                   train(method, data, spec["train_cfg"], seed, device=device, epoch_bar=epoch_bar))
+    folder = os.path.join(spec["out"], method, f"seed{seed}")
+    os.makedirs(folder, exist_ok=True)
+    torch.save(copy.deepcopy(trained.model).cpu(), os.path.join(folder, "model.pt"))
+    row = evaluate(trained, data, spec["radius"], spec["eval_cfg"], seed=seed, device=device)
+    row["model"] = os.path.join(method, f"seed{seed}", "model.pt")
+    return row
+
+
 def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any]:
     """Validate everything, then train, evaluate and write DIR; returns the results dict."""
     started = time.time()
@@ -217,21 +244,36 @@ def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any
         radius_source = "auto: JT's joint accuracy (fast attack, validation split) closest to 45 %"
         log(f"radius auto: r = {radius:g} (" + ", ".join(f"{r:.3g}: {100 * a:.1f}%" for r, a in search) + ")")
     train_cfg.train_eps = args.train_eps if args.train_eps is not None else radius
-    rows: List[Dict[str, Any]] = []
     jobs = [(m, s) for m in methods for s in args.seeds]
-    for method, seed in (progress_bar(jobs, desc="crmt-benchmark", unit="run") if show else jobs):
-        if method == "jt" and seed in jt_models:
-            trained = jt_models[seed]
-        else:
-            trained = (train_selected(method, data, train_cfg, seed, radius, candidates=args.select_candidates,
-                                      device=device, epoch_bar=epoch_bar(method, seed)) if args.select else
-                       train(method, data, train_cfg, seed, device=device, epoch_bar=epoch_bar(method, seed)))
-        folder = os.path.join(args.out, method, f"seed{seed}")
-        os.makedirs(folder, exist_ok=True)
-        torch.save(copy.deepcopy(trained.model).cpu(), os.path.join(folder, "model.pt"))
-        row = evaluate(trained, data, radius, eval_cfg, seed=seed, device=device)
-        row["model"] = os.path.join(method, f"seed{seed}", "model.pt")
-        rows.append(row)
+    spec = dict(data=args.data, data_seed=args.data_seed, train_cfg=train_cfg, eval_cfg=eval_cfg, radius=radius,
+                select=args.select, candidates=args.select_candidates, device=str(device), out=args.out)
+    workers = max(1, min(int(getattr(args, "jobs", 1) or 1), len(jobs)))
+    rows: List[Optional[Dict[str, Any]]] = [None] * len(jobs)
+    jobs_started = time.time()
+
+    def finished(index: int, row: Dict[str, Any]) -> None:
+        rows[index] = row
+        if sum(r is not None for r in rows) == 1 and len(jobs) > 1:
+            took = time.time() - jobs_started
+            whole = (jobs_started - started) + took * math.ceil(len(jobs) / workers)
+            log(f"first job ({jobs[index][0]} seed {jobs[index][1]}) took {took:.0f} s: the whole run will take "
+                f"about {whole / 60:.1f} min ({len(jobs)} jobs, {workers} at a time)")
+
+    if workers == 1:
+        for index, (method, seed) in enumerate(progress_bar(jobs, desc="crmt-benchmark", unit="run") if show
+                                               else jobs):
+            finished(index, _one_job(method, seed, spec, data=data, trained=jt_models.get(seed) if method == "jt"
+                                     else None, epoch_bar=epoch_bar(method, seed)))
+    else:  # independent jobs in parallel processes, one torch thread each (the same rows as --jobs 1 --threads 1)
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_one_job, method, seed, spec, trained=jt_models.get(seed) if method == "jt"
+                                   else None): index for index, (method, seed) in enumerate(jobs)}
+            done = concurrent.futures.as_completed(futures)
+            for future in (progress_bar(done, total=len(jobs), desc="crmt-benchmark", unit="run") if show else done):
+                finished(futures[future], future.result())
     results = {
         "radius": float(radius),
         "modalities": list(data.modalities),

@@ -59,13 +59,14 @@ Inputs = Dict[str, Tensor]
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings (defaults in brackets): steps [50], restarts [2] of the strong PGD;
+    """Evaluation settings (defaults in brackets): steps [None], restarts [None] of the strong attack
+    (None: those of :func:`crmt_plugin.attacks.strong_attack`'s default preset);
     queries [1000] of the gradient-free attack; curve_steps [20] of the curve attack; curve_fractions
     [(0.5, 1.5, 2.0)] of the radius; masking_margin [0.03]; batch_size [500]; max_test [None: all]
     test samples attacked."""
 
-    steps: int = 50
-    restarts: int = 2
+    steps: Optional[int] = None
+    restarts: Optional[int] = None
     queries: int = 1000
     curve_steps: int = 20
     curve_fractions: Tuple[float, ...] = (0.5, 1.5, 2.0)
@@ -163,9 +164,10 @@ def strong_attacks(radius: float, modalities: Optional[Sequence[str]], cfg: Eval
     if hasattr(attacks_module, "strong_attack"):
         return [attacks_module.strong_attack(radius, norm="l2", modalities=mods, generator=_gen(seed),
                                              steps=cfg.steps, restarts=cfg.restarts)]
-    return [attacks_module.PGD(radius, norm="l2", modalities=mods, steps=cfg.steps, restarts=cfg.restarts,
+    steps, restarts = cfg.steps or 50, cfg.restarts or 2
+    return [attacks_module.PGD(radius, norm="l2", modalities=mods, steps=steps, restarts=restarts,
                                generator=_gen(seed)),
-            attacks_module.PGD(radius, norm="l2", modalities=mods, steps=cfg.steps, restarts=1, loss=cw_loss,
+            attacks_module.PGD(radius, norm="l2", modalities=mods, steps=steps, restarts=1, loss=cw_loss,
                                generator=_gen(seed + 1))]
 
 
