@@ -70,6 +70,9 @@ class SelectOnValidation(pl.Callback):
     def __init__(self, run):
         self.run = run
 
+    def on_train_epoch_start(self, trainer, module):
+        self.run._loss_sum, self.run._loss_n = 0.0, 0  # what run.epochs() does in the plain loops
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.run.log(outputs["loss"] if isinstance(outputs, dict) else outputs)
 

@@ -300,7 +300,7 @@ def test_find_wrapper_names_what_it_found():
 
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-TINY = ["--epochs", "1", "--limit", "48", "--eval-steps", "2", "--eval-restarts", "1", "--queries", "10", "--quiet"]
+TINY = ["--epochs", "2", "--limit", "48", "--eval-steps", "2", "--eval-restarts", "1", "--queries", "10", "--quiet"]
 
 
 @needs_lightning
