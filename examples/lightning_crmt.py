@@ -9,6 +9,10 @@ as jt.py and crmt_jt.py (examples/common.py), so the numbers match theirs up to 
 What Lightning adds: the training loop, the logger (CSV in --out, with the callback's crmt/... metrics:
 uni-modal margins, integration weights, certified radius) and a checkpoint after step 2 (final.ckpt).
 Needs the ``lightning`` extra: pip install lightning "torch==<your torch>".
+
+Measured (2026-12-03, seed 0, 8 epochs, --max-test 300, --threads 1, lightning 2.6.6): every test-split
+number equal to jt.py's / crmt_jt.py's, and the same best epoch (7), validation accuracy and a:
+JT clean 97.0, worst joint 17.7, mean robust 35.9; CRMT-JT clean 99.3, worst joint 62.7, mean robust 73.0.
 """
 
 import argparse
