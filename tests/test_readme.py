@@ -252,3 +252,16 @@ def test_readme_loop_in_a_fresh_script_around_an_own_model(tmp_path):
     for w in report["warnings"]:  # anything the library says points at the pasted script
         if "crmt" in w["message"].lower() or "fit_integration" in w["message"]:
             assert pathlib.Path(w["file"]).resolve() == script.resolve(), w
+
+
+def test_every_public_module_is_reachable_from_the_package():
+    # a module added later (crmt_plugin/<name>.py or a subpackage) is either imported by __init__ or in
+    # crmt_plugin.SUBMODULES, so `crmt_plugin.<name>` works after `import crmt_plugin` alone
+    import pkgutil
+
+    names = [m.name for m in pkgutil.iter_modules(crmt_plugin.__path__) if not m.name.startswith("_")]
+    assert len(names) > 10
+    assert set(PUBLIC_SUBMODULES) <= set(crmt_plugin.SUBMODULES)
+    unreachable = [n for n in names if n not in crmt_plugin.SUBMODULES and n not in vars(crmt_plugin)]
+    assert not unreachable, f"add {unreachable} to SUBMODULES in crmt_plugin/__init__.py"
+    assert set(crmt_plugin.SUBMODULES) <= set(names), "SUBMODULES names a module that does not exist"
