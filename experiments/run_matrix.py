@@ -101,7 +101,7 @@ def data_of(name: str) -> str:
     return name.split("@")[0]
 NOTES = os.path.join(HERE, "matrix_notes.md")  # hand-written reasons for the losses, copied into the page
 PAIRS = (("jt", "crmt-jt"), ("pgd-at", "crmt-at"), ("trades", "crmt-trades"), ("mixup", "crmt-mix"),
-         ("paper-crmt-jt", "crmt-jt"))
+         ("paper-crmt-jt", "crmt-jt"), ("lip-jt", "crmt-lip"))
 
 
 ALL = (*ORDER, *[n for n in HELD_OUT_FAMILIES if n not in ORDER], *ENCODER_RUNS)
@@ -246,6 +246,16 @@ def write_pages(args: argparse.Namespace) -> str:
             c, r, w = (_mean(rows, m, k) for k in ("clean", "mean_robust", "worst_joint"))
             cells.append("–" if c is None else f"{100 * c:.1f} / {100 * r:.1f} / {100 * w:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    chosen = {(name, r["method"]): [] for name, res in finished.items() for r in res["rows"] if "rho" in r}
+    for name, res in finished.items():
+        for r in res["rows"]:
+            if "rho" in r:
+                chosen[(name, r["method"])].append(f"{r['rho']:g}")
+    if chosen:
+        lines += ["", "## The rho the validation split chose", "",
+                  "Per seed (`crmt-benchmark`'s default `--select`: candidates 0, 0.1, 0.5; 0 = no margin term):", ""]
+        for (name, method), values in chosen.items():
+            lines.append(f"* {name}, {method}: {', '.join(values)}")
     masked = [(name, r["method"], r["seed"]) for name, res in finished.items() for r in res["rows"]
               if r.get("gradient_masking")]
     lines += ["", "## Gradient masking check", ""]
@@ -264,7 +274,8 @@ def write_pages(args: argparse.Namespace) -> str:
                      f"{results['seconds'] / 60:.0f} min.")
     pending = [n for n in ALL if n not in finished]
     if pending:
-        lines.append(f"* not finished when this page was written: {', '.join(pending)}")
+        lines.append(f"* not run for this page: {', '.join(pending)} (the previous defaults' numbers for the sets of "
+                     "2026-12-02: [results-2026-12-02.md](results-2026-12-02.md))")
     lines += ["", "Command: `python experiments/run_matrix.py` (each data set: "
               "`crmt-benchmark --data runs/benchmark-data/<name>.npz --methods "
               f"{args.methods} --seeds 0 1 2 --out runs/matrix/<name>` plus the AV flags "
