@@ -28,7 +28,7 @@ import time
 import torch
 from torch import nn
 
-OPTIONAL = ("numpy", "scipy", "tqdm", "matplotlib", "torchattacks", "pytest", "hypothesis")
+OPTIONAL = ("numpy", "scipy", "tqdm", "matplotlib", "torchattacks", "pytest", "hypothesis", "lightning")
 started = time.perf_counter()
 
 
