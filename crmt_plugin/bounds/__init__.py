@@ -38,6 +38,9 @@ Flatten, Identity,     1; traced ``+``, ``*``, ``cat``, ``view``, slicing, ``mea
 tensor operations
 Sequential             product of its layers' bounds (shapes tracked through the layers) ``graph.py``
 Residual(branch)       L(shortcut) + L(branch), i.e. 1 + L(branch) for x + branch(x)
+crmt_plugin.           AOLLinear / AOLConv1d / AOLConv2d: exact norm of the effective weight (<= 1);
+lipschitz_layers       MaxMin, L2NormPool 1; ModalityScale 1 / min(s); ConvexResidual
+                       (1 - a) + a L(f)                                      ``lipschitz_layers.py``
 other modules          traced with torch.fx: x + f(x), cat, flatten/view, slicing, mean, F.relu, ...
                        are understood; anything else is refused with a CRMTError
 =====================  ==========================================================================
