@@ -244,7 +244,8 @@ class WorstCase(Attack):
 # member (0: none); ``targets``: targeted APGD-DLR runs against the most likely other classes;
 # ``cw``: targeted CW-margin runs against the same classes too
 # ``close``: a second stage for the close calls only (CloseCalls): ``within`` (relative margin),
-# ``steps`` and its members, in order: "cw" (T-CW x targets), "dlr-t" (T-DLR x targets), "dlr" (one run)
+# ``steps``, ``restarts`` (or per member: ``restarts_by_kind``) and its members, in order: "cw" (T-CW x
+# targets), "dlr-t" (T-DLR x targets), "dlr" (one untargeted run)
 PRESETS: Dict[str, Dict[str, Any]] = {
     "standard": {"steps": 20, "restarts": 0, "targets": 3, "cw": False,
                  "close": {"within": 0.1, "steps": 50, "restarts": 2, "members": ("cw", "dlr-t")}},
@@ -336,8 +337,9 @@ def strong_attack(
             members.append(PGD(eps, loss="cw", targets=targets, **shared))  # type: ignore[arg-type]
     close = settings.get("close")
     if close:
-        second = {**shared, "steps": close["steps"], "restarts": close.get("restarts", 1)}
         for kind in close["members"]:
+            second = {**shared, "steps": close["steps"],
+                      "restarts": close.get("restarts_by_kind", {}).get(kind, close.get("restarts", 1))}
             if kind == "dlr":
                 member = PGD(eps, loss="dlr", **second)  # type: ignore[arg-type]
             elif targets:
