@@ -103,3 +103,24 @@ def test_lipschitz_model_is_a_benchmark_net(tmp_path):
     x, _ = data.part("train")
     assert model(**x).shape == (x["a"].shape[0], 3)
     assert set(model.feature_dims) == {"a", "b", "c"}
+
+
+def test_certification_figure_script_runs_on_a_quick_run(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import os
+    import sys
+
+    path = tiny_file(tmp_path / "t.npz")
+    out = tmp_path / "out"
+    assert cli.main(["--data", path, "--methods", "lip-jt,crmt-lip", "--radius", "0.5", "--quick", "--seeds", "0",
+                     "--no-progress", "--threads", "1", "--batch-size", "16", "--out", str(out)]) == 0
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                          "lipschitz_certification.py")
+    spec = importlib.util.spec_from_file_location("lipschitz_certification", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["x", str(out), "--out", str(tmp_path / "fig.png")])
+    module.main()
+    printed = capsys.readouterr().out
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    assert "| crmt-lip (r=0.5) | sound | joint |" in printed and "| lip-jt (r=0.5) | empirical | a |" in printed
