@@ -213,6 +213,10 @@ def test_presets_and_their_cost():
     # explicit settings override the preset's first stage; targets=0 drops the targeted runs
     mine = strong_attack(1.0, preset="full", steps=10, restarts=1, targets=0)
     assert [a.label for a in mine.attacks] == ["APGD-l2", "APGD-dlr-l2"] and mine.attacks[0].steps == 10
+    # settings without a preset keep their meaning from before the presets: the members of "full"
+    old_style = strong_attack(1.0, steps=20, restarts=1, targets=1)
+    assert [a.label for a in old_style.attacks] == ["APGD-l2", "APGD-dlr-l2", "APGD-T-dlr-l2", "APGD-T-cw-l2"]
+    assert [a.steps for a in old_style.attacks] == [20] * 4
     with pytest.raises(CRMTError, match="unknown preset"):
         strong_attack(1.0, preset="fastest")
     with pytest.raises(CRMTError, match="within"):

@@ -265,7 +265,7 @@ def strong_attack(
     restarts: Optional[int] = None,
     targets: Optional[int] = None,
     call: Optional[ModelCall] = None,
-    preset: str = "standard",
+    preset: Optional[str] = None,
 ) -> WorstCase:
     """The library's strong evaluation attack: the per-sample worst case (:class:`WorstCase`, in
     cascade) of APGD runs (Croce & Hein, 2020), in this order:
@@ -284,7 +284,9 @@ def strong_attack(
     does) cannot make the attack's gradient uninformative; the targeted runs find the closest
     boundary. With fewer than 3 classes (4 for the targeted runs) the DLR runs use the CW margin.
 
-    ``preset`` (``steps``, ``restarts``, ``targets`` given explicitly override the first stage's),
+    ``preset`` (default: ``"standard"``; ``"full"`` when any of ``steps``, ``restarts``, ``targets`` is
+    given, which keeps their meaning from before the presets; given explicitly, they override the
+    preset's first stage),
     with its cost in forward+backward passes **per sample still standing** (one APGD run of ``s``
     steps is ``s + 1`` passes; a sample fooled early pays only up to there), plus one clean forward
     and one forward per member:
@@ -318,6 +320,8 @@ def strong_attack(
     >>> strong_attack(1.0).cost["forward_backward"], strong_attack(1.0, preset="full").cost["forward_backward"]
     (696, 459)
     """
+    if preset is None:
+        preset = "standard" if steps is None and restarts is None and targets is None else "full"
     if preset not in PRESETS:
         raise CRMTError(f"strong_attack: unknown preset {preset!r}; known: {sorted(PRESETS)}")
     settings = PRESETS[preset]
