@@ -82,11 +82,17 @@ def _relative_margin(logits: Tensor, y: Tensor) -> Tensor:
 
 
 class WorstCase(Attack):
-    """Per sample, the adversarial input of the first attack that fooled the model, otherwise the
-    one with the lowest margin ``z_y - max_{k != y} z_k``.
+    """Per sample, the adversarial input of the first attack that fooled the model (the clean input
+    for a sample the model already gets wrong), otherwise the one with the lowest margin
+    ``z_y - max_{k != y} z_k``. A sample counts as robust only if every attack failed on it.
 
-    The attacks run in order; each later attack runs only on the samples no earlier one fooled (so
-    cheap attacks first make the whole cheaper). Settings shared by every attack (``eps``, ``norm``,
+    The attacks run in order after one clean forward; each later attack runs only on the samples no
+    earlier one fooled (so cheap attacks first make the whole cheaper), on a sub-batch of one
+    prepared batch: its random numbers are those the whole batch would get, so on a model without
+    interaction between samples the fooled samples are exactly those of ``cascade=False`` (every
+    attack on every sample; for checking), and the clean logits are shared (targeted runs rank
+    their classes with them). A :class:`CloseCalls` member runs only on the standing samples whose
+    relative margin stayed small. Settings shared by every attack (``eps``, ``norm``,
     ``modalities``, ``bounds``, ``generator``, ``eval_mode``, ``call``) can be changed for all at
     once with :meth:`replace`, which is how :func:`~crmt_plugin.evaluation.evaluate_robustness`
     sweeps radii and modality sets.
@@ -99,8 +105,8 @@ class WorstCase(Attack):
     >>> WorstCase([PGD(1.0), PGD(1.0, loss="dlr")], name="mine").label
     'mine-l2'
 
-    Cost: the sum of the members' costs, each on the samples still standing, plus one forward
-    pass per member. Needs class labels ``y``.
+    Cost: the sum of the members' costs, each on the samples still standing, plus one clean
+    forward and one forward per member. Needs class labels ``y``.
     """
 
     name = "WorstCase"
