@@ -141,6 +141,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", default=os.path.join("runs", "quickstart"))
     p.add_argument("--n", type=int, default=300, help="first N test pairs")
+    p.add_argument("--skip", type=int, default=0, help="start at test pair SKIP (a held-out check)")
     p.add_argument("--radii", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--square-queries", type=int, default=2000)
     p.add_argument("--skip-torchattacks", action="store_true")
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
     started, cpu_started = time.time(), time.process_time()
     splits = load_av_digits(seed=0)
     models = load_models(args.checkpoints, splits)
-    items = [splits.test[i] for i in range(args.n)]
+    items = [splits.test[i] for i in range(args.skip, args.skip + args.n)]
     x = {n: torch.stack([it[0][n] for it in items]) for n in NAMES}
     y = torch.tensor([int(it[1]) for it in items])
     bounds = {n: b for n, b in splits.bounds.items() if math.isfinite(b[0]) or math.isfinite(b[1])}
