@@ -302,8 +302,8 @@ def strong_attack(
     ============ ================================================ =======================================
     ``standard`` APGD-CE, APGD-T-DLR x 3 targets, 20 steps; then  84, plus 612 for each close call
                  for the close calls only (:class:`CloseCalls`,   (relative margin < 0.1 after the first
-                 relative margin < 0.1): APGD-T-CW and            stage: 2-10 % of the robust samples on
-                 APGD-T-DLR x 3 targets x 2 restarts, 50 steps    the quickstart's models). The default.
+                 relative margin < 0.1): APGD-T-CW and            stage: 1-27 % as many as the robust
+                 APGD-T-DLR x 3 targets x 2 restarts, 50 steps    samples on the quickstart's models). The default.
     ``full``     APGD-CE; APGD-DLR x 2 restarts; APGD-T-DLR and   (1 + 2 + 3 + 3) x 51 = 459 (the members
                  APGD-T-CW x 3 targets; 50 steps                  of ``strong_attack`` before the cascade)
     ``quick``    APGD-CE, APGD-T-DLR x 1 target, 20 steps         (1 + 1) x 21 = 42 (selection, monitoring)
