@@ -79,7 +79,9 @@ def test_attack_just_outside_the_exact_radius_flips_for_identity_encoders():
     adv = attack(lambda x: crmt(x).logits, inputs, y)
     with torch.no_grad():
         flipped = (crmt(adv).logits.argmax(1) != y).double().mean()
-    assert flipped > 0.9
+    # most, not all: 50 PGD steps at 1.05x the radius leave a few samples whose boundary is hard to reach (0.89-0.95
+    # seen across thread counts); a radius 5 % too large would flip none
+    assert flipped > 0.8
 
 
 def random_lipschitz_model(seed: int, num_classes: int):
