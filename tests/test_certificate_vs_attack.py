@@ -74,14 +74,13 @@ def test_attack_just_outside_the_exact_radius_flips_for_identity_encoders():
     with torch.no_grad():
         y = crmt(inputs).logits.argmax(1)
     cert = crmt.certify(inputs, y, lipschitz={"audio": 1.0, "image": 1.0})
-    attack = PGD(eps=cert.radius * 1.05, norm="l2", steps=50, loss=cw_margin_loss,
+    attack = PGD(eps=cert.radius * 1.05, norm="l2", steps=50, restarts=3, loss=cw_margin_loss,
                  generator=torch.Generator().manual_seed(0))
     adv = attack(lambda x: crmt(x).logits, inputs, y)
     with torch.no_grad():
         flipped = (crmt(adv).logits.argmax(1) != y).double().mean()
-    # most, not all: 50 PGD steps at 1.05x the radius leave a few samples whose boundary is hard to reach (0.89-0.95
-    # seen across thread counts); a radius 5 % too large would flip none
-    assert flipped > 0.8
+    # three restarts: with one, the flip rate sat at the threshold (0.89 once in the full suite, 2 threads)
+    assert flipped > 0.9, float(flipped)
 
 
 def random_lipschitz_model(seed: int, num_classes: int):
