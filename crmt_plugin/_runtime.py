@@ -28,6 +28,7 @@ __all__ = [
     "non_finite_modalities",
     "non_finite_samples",
     "check_labels",
+    "reduce_per_sample",
     "ModeGuard",
     "call_model",
     "logits_of",
@@ -162,6 +163,29 @@ def check_labels(y: Any, batch: int, num_classes: int, what: str = "y") -> None:
         if int(low) < 0 or int(high) >= num_classes:
             bad = y[(y < 0) | (y >= num_classes)][:5].tolist()
             raise CRMTError(f"{what} holds labels outside [0, {num_classes - 1}] (K = {num_classes}): {bad}")
+
+
+def reduce_per_sample(per_sample: Tensor, reduction: str) -> Tensor:
+    """A per-sample loss (B,) reduced as asked: ``"mean"`` (an empty batch is an error: its mean is undefined),
+    ``"sum"`` or ``"none"`` (returned as is).
+
+    Example::
+
+        >>> reduce_per_sample(torch.tensor([1.0, 3.0]), "mean")
+        tensor(2.)
+    """
+    if reduction == "mean":
+        if per_sample.numel() == 0:
+            raise CRMTError(
+                "empty batch (B = 0): its mean is undefined; skip the batch, or use reduction='sum' "
+                "(0, zero gradients) or 'none' ((0,))"
+            )
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise CRMTError(f"reduction must be 'mean', 'sum' or 'none', found {reduction!r}")
 
 
 # --------------------------------------------------------------------------------------------------

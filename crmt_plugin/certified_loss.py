@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._runtime import check_labels
+from ._runtime import check_labels, reduce_per_sample
 from .certify import certificate_terms
 from .errors import CRMTError
 from .head import CRMTHead
@@ -85,16 +85,6 @@ def _check_eps(eps: float, what: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise CRMTError(f"{what} must be a finite number >= 0, found {eps!r}")
     return value
-
-
-def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "none":
-        return per_sample
-    raise CRMTError(f"reduction must be 'mean', 'sum' or 'none', found {reduction!r}")
 
 
 def certified_loss(
@@ -147,7 +137,7 @@ def certified_loss(
         own = contribution.gather(2, y.view(-1, 1, 1).expand(-1, z.shape[1], 1)) - contribution   # (B, M, K)
         terms = [worst_case_cross_entropy(own[:, i], per_modality[:, i], y, eps_m) for i in range(len(names))]
         loss = loss + float(rho) * torch.stack(terms, dim=1).mean(dim=1)
-    return _reduce(loss, reduction)
+    return reduce_per_sample(loss, reduction)
 
 
 def pairwise_denominators(weight: Tensor, widths: Mapping[str, int], lipschitz: LipschitzLike) -> Tensor:
@@ -194,4 +184,4 @@ def lipschitz_margin_loss(
     pair = pairwise_denominators(head.weight, widths, lipschitz)                  # (M, K, K)
     joint = pair.pow(2).sum(dim=0).clamp_min(torch.finfo(pair.dtype).tiny).sqrt()[y]   # (B, K)
     margins = logits.gather(1, y.unsqueeze(1)) - logits
-    return _reduce(worst_case_cross_entropy(margins, joint, y, eps), reduction)
+    return reduce_per_sample(worst_case_cross_entropy(margins, joint, y, eps), reduction)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._runtime import check_labels
+from ._runtime import check_labels, reduce_per_sample
 from .errors import CRMTError
 
 __all__ = ["crmt_loss", "margin_loss"]
@@ -87,21 +87,6 @@ def _stacked_unimodal(out, margin: MarginKind, temperature: float) -> Tensor:
     # z * temperature / ||phi||, as one division by (||phi|| / temperature)
     scale = norms.clamp_min(torch.finfo(z.dtype).tiny ** 0.5).div_(temperature)
     return z / scale.unsqueeze(-1)
-
-
-def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        if per_sample.numel() == 0:
-            raise CRMTError(
-                "empty batch (B = 0): its mean is undefined; skip the batch, or use reduction='sum' "
-                "(0, zero gradients) or 'none' ((0,))"
-            )
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "none":
-        return per_sample
-    raise CRMTError(f"reduction must be 'mean', 'sum' or 'none', found {reduction!r}")
 
 
 def _mix_weight(lam: Union[float, Tensor], batch: int, like: Tensor) -> Tensor:
@@ -159,7 +144,7 @@ def margin_loss(
     if y_b is not None:
         check_labels(y_b, batch, num_classes, "y_b")
     kind, target = _resolve_penalty(penalty, margin, margin_target)
-    return _reduce(_margin_per_sample(z, y, y_b, lam, kind, target), reduction)
+    return reduce_per_sample(_margin_per_sample(z, y, y_b, lam, kind, target), reduction)
 
 
 def _margin_per_sample(z: Tensor, y: Tensor, y_b: Optional[Tensor], lam, penalty: str = "logsumexp",
@@ -268,7 +253,7 @@ def crmt_loss(
                 f"fused logits {tuple(logits.shape)}"
             )
         kind, target = _resolve_penalty(penalty, margin, margin_target)
-        margin_term = _reduce(_margin_per_sample(z, y, y_b, lam, kind, target), reduction)
+        margin_term = reduce_per_sample(_margin_per_sample(z, y, y_b, lam, kind, target), reduction)
 
     ce_logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
@@ -287,7 +272,7 @@ def crmt_loss(
             base_a, base_b = base(y), base(y_b)
             lam_t = _mix_weight(lam, batch, base_a) if base_a.dim() else torch.as_tensor(lam).mean()
             base_term = lam_t * base_a + (1 - lam_t) * base_b
-        base_term = _reduce(base_term, reduction) if base_term.dim() else base_term
+        base_term = reduce_per_sample(base_term, reduction) if base_term.dim() else base_term
     if margin_term is None:
         margin_term = torch.zeros_like(base_term)
         total = base_term + margin_term
