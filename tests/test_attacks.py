@@ -352,7 +352,8 @@ def test_dtype_and_device_follow_inputs(dtype):
         assert torch.isfinite(adv[k]).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the CUDA path needs a GPU; every other test runs the same code on the CPU")
 def test_cuda_inputs_cpu_generator():
     device = torch.device("cuda")
     model = TwoModalMLP().to(device)

@@ -289,7 +289,8 @@ def test_frontier_bounds_the_region_and_plots():
     assert float(fixed_x[-1]) < float(ex[-1])  # a budget on c shrinks the region
     wrong = int((~cert.correct).nonzero()[0])
     assert cert.frontier(wrong, ("a", "b"))[0].numel() == 0
-    matplotlib = pytest.importorskip("matplotlib", reason="the plot needs the optional matplotlib")
+    matplotlib = pytest.importorskip("matplotlib", reason="the plot needs the optional matplotlib "
+                                     "(pip install matplotlib; scripts/install.sh installs it)")
     matplotlib.use("Agg")
     ax = cert.plot_region(i, ("a", "b"))
     assert ax.get_xlabel().startswith("budget of a") and len(ax.lines) >= 3

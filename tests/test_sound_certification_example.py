@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-pytest.importorskip("matplotlib")
+pytest.importorskip("matplotlib", reason="the example draws its figure with the optional matplotlib "
+                                  "(pip install matplotlib; scripts/install.sh installs it)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "sound_certification.py")
