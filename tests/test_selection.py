@@ -172,3 +172,27 @@ def test_frozen_encoder_never_trains():
 def test_unknown_family_is_a_clear_error():
     with pytest.raises(CRMTError, match="encoder family"):
         bench_models.encoder_for((6,), torch.zeros(6), torch.ones(6), 500, 5, family="xx")
+
+
+def test_pretrained_bodies_are_cached_and_leave_the_global_rng_alone(tmp_path):
+    import numpy as np
+
+    from crmt_plugin.benchmark.data import load_npz
+
+    g = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    np.savez(tmp_path / "t.npz", x_a=(g.normal(size=(60, 4)) + y[:, None]).astype(np.float32),
+             x_b=(g.normal(size=(60, 3)) + y[:, None]).astype(np.float32), y=y)
+    data = load_npz(str(tmp_path / "t.npz"))
+    cfg = recipes.TrainConfig(epochs=2, min_steps=0)
+    torch.manual_seed(5)
+    first = recipes.pretrained_bodies(data, cfg, seed=1)
+    after_first = torch.rand(1)
+    torch.manual_seed(5)
+    again = recipes.pretrained_bodies(data, cfg, seed=1)  # from the cache
+    assert torch.equal(torch.rand(1), after_first)
+    for name in first:
+        for (k, v), (k2, v2) in zip(first[name].state_dict().items(), again[name].state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), (name, k)
+    other = recipes.pretrained_bodies(data, cfg, seed=2)
+    assert not torch.equal(next(iter(other["a"].parameters())), next(iter(first["a"].parameters())))

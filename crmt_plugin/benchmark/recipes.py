@@ -321,48 +321,51 @@ def _plain(value: Any) -> Any:
 _PRETRAINED: Dict[Any, Dict[str, Dict[str, Tensor]]] = {}
 
 
+def _pretrain(body: nn.Module, name: str, data: BenchmarkData, cfg: "TrainConfig", schedule: Schedule,
+              generator: torch.Generator) -> None:
+    """Train ``body`` on modality ``name`` alone (CE through a temporary linear head); keep its best epoch."""
+    train_x, train_y = data.part("train")
+    val_x, val_y = data.part("validation")
+    net = nn.Sequential(body, nn.Linear(body.out_features, data.num_classes))
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state = -1.0, copy.deepcopy(body.state_dict())
+    for _ in range(schedule.epochs):
+        net.train()
+        for xb, yb in batches({name: train_x[name]}, train_y, schedule.batch_size, shuffle=True, generator=generator):
+            if yb.shape[0] < 2:
+                continue
+            loss = F.cross_entropy(net(xb[name]), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        with torch.no_grad():
+            val = float((net(val_x[name]).argmax(1) == val_y).double().mean())
+        if val > best:
+            best, best_state = val, copy.deepcopy(body.state_dict())
+    body.load_state_dict(best_state)
+
+
 def pretrained_bodies(data: BenchmarkData, cfg: "TrainConfig", seed: int) -> Dict[str, nn.Module]:
     """For ``encoder="frozen"``: one ``"bn"`` encoder per modality, trained on that modality alone (CE through a
     temporary linear head, Adam, the step budget of :func:`training_schedule`, the epoch with the best validation
     accuracy), as a user's pretrained encoder would be. Computed once per (data, seed) and reused by every method
     (they all start from the same pretrained encoders); eval mode."""
     train_x, train_y = data.part("train")
-    val_x, val_y = data.part("validation")
     stats = {n: standardization(t) for n, t in train_x.items()}
     num_train = int(train_y.shape[0])
-    key = (data.path, id(data), seed, cfg.min_steps, cfg.epochs, cfg.lr)
+    schedule = training_schedule(num_train, cfg)
+    key = (data.path, id(data), seed, schedule, cfg.lr, cfg.weight_decay)
     bodies: Dict[str, nn.Module] = {}
     for i, (name, shape) in enumerate(data.sample_shapes().items()):
-        body = encoder_for(shape, *stats[name], num_train, data.num_classes, "bn")
-        if key in _PRETRAINED and name in _PRETRAINED[key]:
-            body.load_state_dict(_PRETRAINED[key][name])
-        else:
-            generator = torch.Generator().manual_seed(seed * 1000 + 17 + i)
-            with torch.random.fork_rng():
-                torch.manual_seed(seed * 1000 + 17 + i)
-                body = encoder_for(shape, *stats[name], num_train, data.num_classes, "bn")
-                probe = nn.Linear(body.out_features, data.num_classes)
-                net = nn.Sequential(body, probe)
-                optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-                schedule = training_schedule(num_train, cfg)
-                best, best_state = -1.0, None
-                for _ in range(schedule.epochs):
-                    net.train()
-                    for xb, yb in batches({name: train_x[name]}, train_y, schedule.batch_size, shuffle=True,
-                                          generator=generator):
-                        if yb.shape[0] < 2:
-                            continue
-                        loss = F.cross_entropy(net(xb[name]), yb)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                    net.eval()
-                    with torch.no_grad():
-                        val = float((net(val_x[name]).argmax(1) == val_y).double().mean())
-                    if val > best:
-                        best, best_state = val, copy.deepcopy(body.state_dict())
-                body.load_state_dict(best_state)
-            _PRETRAINED.setdefault(key, {})[name] = copy.deepcopy(body.state_dict())
+        with torch.random.fork_rng():  # the caller's global RNG stays as it was, cached or not
+            torch.manual_seed(seed * 1000 + 17 + i)
+            body = encoder_for(shape, *stats[name], num_train, data.num_classes, "bn")
+            if name in _PRETRAINED.get(key, {}):
+                body.load_state_dict(_PRETRAINED[key][name])
+            else:
+                _pretrain(body, name, data, cfg, schedule, torch.Generator().manual_seed(seed * 1000 + 17 + i))
+                _PRETRAINED.setdefault(key, {})[name] = copy.deepcopy(body.state_dict())
         bodies[name] = body.eval()
     return bodies
 
