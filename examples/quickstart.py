@@ -1,6 +1,6 @@
 """Quickstart: joint training (JT) vs CRMT-JT on real audio-visual digits, robustness table and plot.
 
-    python examples/quickstart.py                 # about 5 min on 2 idle CPU cores (mostly evaluation)
+    python examples/quickstart.py                 # about 2-3 min on 2 idle CPU cores (mostly evaluation)
     python examples/quickstart.py --max-test 0    # evaluate on the whole test split (600 pairs), twice as long
     python examples/quickstart.py --epochs 4      # faster, a little less accurate
 
@@ -62,13 +62,13 @@ def explain(summary_keys):
 
 
 def expected_time(args):
-    """A rough wall time from the measured runs (2 idle CPU cores, 8 epochs: 4 min 44 s for 300 test
-    pairs, 9 min 24 s for all 600; the evaluation is nearly all of it and grows with the pairs)."""
+    """A rough wall time from the measured run (2 idle CPU cores, 8 epochs, the cascaded strong attack of
+    2026-12-03: 2 min 11 s for 300 test pairs, ~10 s of it training; the evaluation grows with the pairs)."""
     if args.limit:
         return "under a minute (a smoke test on a slice of the data)"
     pairs = args.max_test or 600
-    seconds = 4 + 0.93 * pairs + 2 * 3 * max(args.epochs - 8, 0)
-    return f"about {max(1, round(seconds / 60))} min on 2 CPU cores (measured 4 min 44 s for 300 test pairs)"
+    seconds = 10 + 0.40 * pairs + 2 * 3 * max(args.epochs - 8, 0)
+    return f"about {max(1, round(seconds / 60))} min on 2 CPU cores (measured 2 min 11 s for 300 test pairs)"
 
 
 def main(argv=None):
