@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -518,6 +519,53 @@ class CRMTWrapper(nn.Module):
                         "when the model squashes them to finite logits: their gradients are NaN"
                     )
         return CRMTOutput(logits=logits, unimodal=last["unimodal"], features=last["features"])
+
+    def missing_fill_loss(self, fill: Mapping[str, Tensor]) -> Tensor:
+        """Scalar: how much class evidence each modality carries when it is *missing* (replaced by its fill).
+
+        ``fill`` maps every modality to one sample's input (no batch dimension) that stands for the modality
+        when it is missing, e.g. the training mean (``crmt_plugin.attacks.modality_means``). With the CRMT
+        decomposition h = sum_m u^(m) + b, u^(m) = a^(m) * z^(m), a missing modality m adds u^(m)(fill) to
+        every sample's logits; if that vector favours a class, it overrides the modalities that are there
+        (a mean-filled sensor window can sit far from every real window). The term
+
+            mean_m KL(uniform_K || softmax(u^(m)(fill))) = mean_m [LSE_k u_k^(m) - mean_k u_k^(m) - log K]
+
+        is >= 0 and 0 exactly when u^(m)(fill) is the same for every class, so that with m missing the
+        prediction is the other modalities' own prediction (the one CRMT's margin term trains). One forward
+        of a batch of one per step, in eval mode (BatchNorm running statistics, no dropout: the mode the
+        missing-modality evaluation runs in), every submodule's ``training`` flag restored exactly.
+
+        Example::
+
+            >>> import torch
+            >>> from torch import nn
+            >>> class Net(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.a, self.b, self.fusion = nn.Linear(4, 8), nn.Linear(3, 8), nn.Linear(16, 5)
+            ...     def forward(self, a, b):
+            ...         return self.fusion(torch.cat([self.a(a), self.b(b)], 1))
+            >>> crmt = CRMTWrapper(Net(), head="fusion", modalities={"a": 8, "b": 8})
+            >>> term = crmt.missing_fill_loss({"a": torch.zeros(4), "b": torch.zeros(3)})
+            >>> term.backward()
+            >>> bool(term >= 0), term.shape
+            (True, torch.Size([]))
+        """
+        if not isinstance(fill, Mapping) or set(fill) != set(self.modalities):
+            found = sorted(fill) if isinstance(fill, Mapping) else type(fill).__name__
+            raise CRMTError(
+                f"missing_fill_loss expected one fill input per modality {list(self.modalities)}, found {found}; "
+                "pass {name: one sample's input}, e.g. crmt_plugin.attacks.modality_means(train_loader)"
+            )
+        device = self._device()
+        inputs = {n: torch.as_tensor(fill[n]).to(device).unsqueeze(0) for n in self.modalities}
+        with ModeGuard(self.model, eval_mode=True):
+            out = self(inputs)
+        a = self.head.integration_weights()                                            # (M, K)
+        u = a * torch.stack([out.unimodal[n][0] for n in self.modalities]).to(a.dtype)  # (M, K)
+        kl = torch.logsumexp(u, dim=1) - u.mean(dim=1) - math.log(u.shape[1])
+        return kl.mean()
 
     def _device(self) -> torch.device:
         return self.head.bias.device

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every CRMT recipe once with --rho (or the library's default rho)")
     p.add_argument("--select-candidates", type=float, nargs="+", default=list(DEFAULT_CANDIDATES),
                    help="the rho values --select tries")
+    p.add_argument("--missing-fill-weight", type=float, default=1.0,
+                   help="weight of CRMTWrapper.missing_fill_loss (a train-mean-filled modality carries no class "
+                        "evidence) in crmt-jt/-at/-trades/-mix; 0 turns it off")
     p.add_argument("--integration-epochs", type=int, default=None,
                    help="step-2 epochs (default: the library's default)")
     p.add_argument("--eval-steps", type=int, default=None,
@@ -177,7 +180,8 @@ def _configs(args: argparse.Namespace):
                             train_steps=args.train_steps, beta=args.beta, alpha=args.alpha, rho=args.rho,
                             temperature=args.temperature, margin=args.margin, penalty=args.penalty,
                             margin_target=args.margin_target, integration_init=_integration_init(args.integration_init),
-                            integration_epochs=args.integration_epochs, encoder=args.encoder)
+                            integration_epochs=args.integration_epochs, encoder=args.encoder,
+                            missing_fill_weight=args.missing_fill_weight)
     eval_cfg = EvalConfig(steps=args.eval_steps, restarts=args.restarts, queries=args.queries, max_test=args.max_test,
                           sound=not args.no_sound)
     if args.quick:

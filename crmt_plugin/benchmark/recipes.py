@@ -56,6 +56,9 @@ __all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "INTEGRATION_INIT", "TrainConfig"
 METHODS = ("jt", "crmt-jt", "pgd-at", "crmt-at", "trades", "crmt-trades", "mixup", "crmt-mix", "paper-crmt-jt",
            *LIPSCHITZ_METHODS)
 CRMT_METHODS = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix", "paper-crmt-jt", "crmt-lip")
+# the recipes that add ``CRMTWrapper.missing_fill_loss`` (weight ``TrainConfig.missing_fill_weight``): not the paper's
+# recipe as published, not the certified one (its loss is the certificate's)
+NEUTRAL_FILL_METHODS = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix")
 ADVERSARIAL = ("pgd-at", "crmt-at", "trades", "crmt-trades")
 # CRMT methods whose head has the shared scale (the CRMTWrapper default, shared_scale=True, scale_gain=1): all
 # but the paper's recipe, which has the paper's a = softplus(alpha) (docs/method.md, "The shared scale")
@@ -166,6 +169,7 @@ class TrainConfig:
     integration_init: Union[float, str, None] = None
     integration_epochs: Optional[int] = None
     encoder: str = "bn"
+    missing_fill_weight: float = 1.0
 
     def loss_kwargs(self) -> Dict[str, Any]:
         """The ``crmt_loss`` keywords that differ from the library's defaults."""
@@ -425,7 +429,17 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
                                     **extra)
     mix = torch.distributions.Beta(cfg.alpha, cfg.alpha)
 
+    neutral_fill = None   # CRMT recipes: a missing (train-mean-filled) modality carries no class evidence
+    if method in NEUTRAL_FILL_METHODS and cfg.missing_fill_weight > 0:
+        neutral_fill = {n: m.to(device).expand(data.x[n].shape[1:]).clone() for n, m in data.train_mean().items()}
+
     def loss_of(inputs: Dict[str, Tensor], y: Tensor) -> Tensor:
+        loss = recipe_loss(inputs, y)
+        if neutral_fill is not None:
+            loss = loss + cfg.missing_fill_weight * crmt.missing_fill_loss(neutral_fill)
+        return loss
+
+    def recipe_loss(inputs: Dict[str, Tensor], y: Tensor) -> Tensor:
         if method in LIPSCHITZ_METHODS:  # certified training of Lipschitz encoders (lipschitz_models.py)
             return lip_loss(inputs, y)
         if method == "jt":
@@ -460,7 +474,7 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     history: List[Dict[str, float]] = []
     schedule = training_schedule(int(train_y.shape[0]), cfg)
     if method in LIPSCHITZ_METHODS:
-        lip_loss = lipschitz_loss(method, model, crmt, cfg.train_eps, schedule.steps)
+        lip_loss = lipschitz_loss(method, model, crmt, cfg.train_eps, schedule.steps, rho=cfg.rho)  # --rho too
     epochs = range(1, schedule.epochs + 1)
     bar = epoch_bar(epochs) if epoch_bar is not None else epochs
     for epoch in bar:
