@@ -336,3 +336,31 @@ def test_min_steps_sets_the_epochs(tmp_path):
     trained = train("jt", data, TrainConfig(epochs=1, min_steps=40, batch_size=8, train_eps=0.5), seed=0)
     # 36 training samples in batches of 8: 5 steps an epoch (the last batch of 4 included), 8 epochs for 40 steps
     assert trained.schedule.steps_per_epoch == 5 and trained.schedule.epochs == 8 and len(trained.history) == 8
+
+
+@pytest.mark.parametrize("method", ["crmt-jt", "crmt-at", "crmt-trades", "crmt-mix", "paper-crmt-jt", "jt"])
+def test_the_missing_fill_term_is_in_the_crmt_recipes_but_the_papers(method, tmp_path, monkeypatch):
+    """--missing-fill-weight w: crmt-jt/-at/-trades/-mix add w x crmt.missing_fill_loss(train mean) every step; the
+    paper's recipe and the baselines never call it; w = 0 turns it off."""
+    from crmt_plugin import CRMTWrapper
+    from crmt_plugin.benchmark.recipes import NEUTRAL_FILL_METHODS, TrainConfig, train
+
+    calls = []
+    real = CRMTWrapper.missing_fill_loss
+
+    def spy(self, fill):
+        calls.append({n: t.clone() for n, t in fill.items()})
+        return real(self, fill)
+
+    monkeypatch.setattr(CRMTWrapper, "missing_fill_loss", spy)
+    data = load_npz(write(tmp_path / "tiny.npz", **tiny()))
+    for weight in (1.0, 0.0):
+        calls.clear()
+        train(method, data, TrainConfig(epochs=1, min_steps=0, train_eps=0.5, missing_fill_weight=weight), seed=0)
+        expected = method in NEUTRAL_FILL_METHODS and weight > 0
+        assert bool(calls) == expected, (method, weight, len(calls))
+        if expected:
+            means = data.train_mean()
+            for n, t in calls[0].items():
+                assert t.shape == data.x[n].shape[1:]
+                torch.testing.assert_close(t, means[n].expand_as(t))
