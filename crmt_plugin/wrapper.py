@@ -534,7 +534,9 @@ class CRMTWrapper(nn.Module):
         is >= 0 and 0 exactly when u^(m)(fill) is the same for every class, so that with m missing the
         prediction is the other modalities' own prediction (the one CRMT's margin term trains). One forward
         of a batch of one per step, in eval mode (BatchNorm running statistics, no dropout: the mode the
-        missing-modality evaluation runs in), every submodule's ``training`` flag restored exactly.
+        missing-modality evaluation runs in), every submodule's ``training`` flag restored exactly. Under DDP call
+        it on this wrapper (``ddp.module``), not through DDP: its gradient joins the same backward and is averaged
+        with the rest (tests/test_distributed.py).
 
         Example::
 

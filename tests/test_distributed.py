@@ -59,8 +59,12 @@ def train_batches():
     return [make_data(GLOBAL_BATCH, seed=100 + s) for s in range(STEPS)]
 
 
-def train(module, params_owner: CRMTWrapper, batches, rank=None):
-    """SGD with momentum on crmt_loss; ``rank`` given: this rank's half of every global batch."""
+FILL = {name: torch.full((d,), 0.5, dtype=torch.float64) for name, d in IN_DIMS.items()}
+
+
+def train(module, params_owner: CRMTWrapper, batches, rank=None, fill=None):
+    """SGD with momentum on crmt_loss (+ ``params_owner.missing_fill_loss(fill)`` when ``fill`` is given);
+    ``rank`` given: this rank's half of every global batch."""
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     params_owner.check_optimizer(optimizer)
     for batch in batches:
@@ -69,6 +73,8 @@ def train(module, params_owner: CRMTWrapper, batches, rank=None):
             batch = take(batch, slice(rank * half, (rank + 1) * half))
         inputs, y = batch
         loss = crmt_loss(module(inputs), y, rho=2.0, margin_target=1.0)  # pinned: not the defaults under test
+        if fill is not None:  # the same term on every rank: DDP's average of it is the term itself
+            loss = loss + params_owner.missing_fill_loss(fill)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -110,6 +116,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results["output_type"] = type(ddp(take(make_data(2, 0), slice(None))[0])).__name__
         results["train"] = train(ddp, crmt, train_batches(), rank=rank)
         results["ddp_keys"] = list(ddp.state_dict())[:3]
+        filled = make_model()
+        results["train_fill"] = train(DDP(filled), filled, train_batches(), rank=rank, fill=FILL)
 
         for kwargs_name, kwargs in (("unused", {"find_unused_parameters": True}), ("static", {"static_graph": True})):
             other = make_model()
@@ -205,6 +213,16 @@ def test_ddp_training_matches_single_process(ranks, single):
         assert_same_state(res["train"], expected, atol=1e-10)
     # the parameters really moved: a broken gradient sync could not pass the check above
     assert max((expected[k] - make_model().state_dict()[k]).abs().max() for k in expected) > 1e-2
+
+
+def test_ddp_training_with_the_missing_fill_term_matches_single_process(ranks, single):
+    """The term's extra forward runs outside DDP's forward, on the wrapped module: its gradient joins the
+    same backward and DDP averages it like the rest."""
+    crmt = make_model()
+    expected = train(crmt, crmt, train_batches(), fill=FILL)
+    for res in ranks:
+        assert_same_state(res["train_fill"], expected, atol=1e-10)
+    assert max((expected[k] - single[1][k]).abs().max() for k in expected) > 1e-4   # the term changed training
 
 
 @pytest.mark.parametrize("variant", ["unused", "static"])
