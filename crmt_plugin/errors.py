@@ -57,5 +57,7 @@ def warn(message: str, category: Type[Warning] = UserWarning) -> None:
         message, category, chosen.f_code.co_filename, chosen.f_lineno,
         module=str(module_globals.get("__name__", "<unknown>")),
         registry=module_globals.setdefault("__warningregistry__", {}),
-        module_globals=module_globals,
+        # no module_globals (as warnings.warn itself does): with them the source line is fetched through the
+        # module's __loader__, which fails for code read from stdin (`python -`: "'__main__' is not a built-in
+        # module"); the printed line comes from the file name instead
     )

@@ -172,3 +172,15 @@ def test_no_module_calls_warnings_warn_directly():
             if "warnings.warn(" in code or "warn_explicit(" in code:
                 offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
     assert not offenders, "use crmt_plugin.errors.warn, which reports the caller's line:\n" + "\n".join(offenders)
+
+
+def test_a_warning_from_code_read_from_stdin_is_shown_not_raised(tmp_path):
+    """`python - < script.py` (and notebooks' __main__): warn must not ask a BuiltinImporter for the source."""
+    import subprocess
+    import sys
+
+    code = "from crmt_plugin.errors import warn\nwarn('from stdin')\nprint('after')\n"
+    done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "after" in done.stdout and "<stdin>:2: UserWarning: from stdin" in done.stderr
