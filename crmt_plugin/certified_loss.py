@@ -12,7 +12,9 @@ certified at eps, so minimising it enlarges the *sound* certified radius.
 * :func:`certified_loss` -- the CRMT head (orthonormal rows W~, integration weights a^(m)):
   D_k^(m) = L^(m) ||a_y^(m) W~_y - a_k^(m) W~_k|| = L^(m) sqrt(a_y^2 + a_k^2) (the tight denominator
   ``certify`` uses), plus the CRMT per-modality term: the same worst-case CE on each modality's own
-  contribution u^(m) = a^(m) * z^(m) with its own denominator D^(m) at budget ``eps_modality``:
+  contribution u^(m) = a^(m) * z^(m) with its own denominator D^(m) at budget ``eps_modality`` (default
+  eps / sqrt(M), each modality's share of the joint budget: M shares of eps / sqrt(M) with equal D^(m) imply the
+  joint certificate at eps exactly, while eps itself asks every modality alone for more than the joint radius):
 
       L = CE(h~, y) + rho * mean_m CE(u~^(m), y),   u~_k^(m) = u_k^(m) + eps_m D_k^(m) (k != y)
 
@@ -43,6 +45,7 @@ Example (a CRMT model whose encoders are 1-Lipschitz)::
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -108,7 +111,7 @@ def certified_loss(
             e.g. 1 / scale for encoders of :mod:`crmt_plugin.lipschitz_layers`.
         eps: the joint l2 budget to certify (the training radius).
         rho: weight of the per-modality term (0: the joint worst-case CE alone).
-        eps_modality: budget of the per-modality term (default ``eps``).
+        eps_modality: budget of the per-modality term (default ``eps / sqrt(M)``, see the module docstring).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
 
     Returns the loss (scalar, or (B,) for ``"none"``), differentiable in the encoders, W~, a and b.
@@ -117,8 +120,8 @@ def certified_loss(
     if not isinstance(head, CRMTHead):
         raise CRMTError(f"crmt must be the CRMTWrapper or CRMTHead that produced `out`, found {type(crmt).__name__}")
     eps = _check_eps(eps, "eps")
-    eps_m = eps if eps_modality is None else _check_eps(eps_modality, "eps_modality")
     names = head.modalities
+    eps_m = eps / math.sqrt(len(names)) if eps_modality is None else _check_eps(eps_modality, "eps_modality")
     lip = _constants(lipschitz, names)
     missing = [n for n in names if n not in out.unimodal]
     if missing:

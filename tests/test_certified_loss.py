@@ -104,6 +104,20 @@ def test_per_modality_term_and_gradients():
     assert float(net.encoders["a"][0].weight.grad.abs().sum()) > 0
 
 
+def test_the_per_modality_budget_defaults_to_each_modalitys_share_eps_over_sqrt_m():
+    net, widths, x = setup(1, 4)
+    crmt = CRMTWrapper(net, head="fusion", modalities=widths).double()
+    y = torch.randint(0, 4, (64,))
+    lip = {"a": 0.7, "b": 1.3}
+    out = crmt(x)
+    default = certified_loss(out, y, crmt=crmt, lipschitz=lip, eps=0.6, rho=1.0, reduction="none")
+    share = certified_loss(out, y, crmt=crmt, lipschitz=lip, eps=0.6, rho=1.0, eps_modality=0.6 / 2 ** 0.5,
+                           reduction="none")
+    whole = certified_loss(out, y, crmt=crmt, lipschitz=lip, eps=0.6, rho=1.0, eps_modality=0.6, reduction="none")
+    torch.testing.assert_close(default, share)
+    assert bool((whole >= default - 1e-12).all()) and float((whole - default).max()) > 0  # a larger budget costs more
+
+
 def test_worst_case_ce_is_ce_of_the_shifted_logits():
     logits = torch.randn(5, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 0])

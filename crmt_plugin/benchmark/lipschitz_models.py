@@ -19,7 +19,7 @@ method     one training step
 lip-jt     :func:`~crmt_plugin.certified_loss.lipschitz_margin_loss` on the plain linear head: CE of the worst
            logits in the joint eps-ball, D_k = sqrt(sum_m (L^(m) ||W_y^(m) - W_k^(m)||)^2)
 crmt-lip   ``CRMTWrapper`` + :func:`~crmt_plugin.certified_loss.certified_loss` (joint worst-case CE with the tight
-           CRMT denominator + rho x the per-modality term), then step 2 with the **sound** constants
+           CRMT denominator + rho x the per-modality term at eps / sqrt(M)), then step 2 with the **sound** constants
 =========  ==================================================================================================
 
 eps ramps linearly from 0 to ``EPS_FACTOR x TrainConfig.train_eps`` over the first ``WARMUP`` of the steps.
@@ -156,7 +156,7 @@ def lipschitz_loss(method: str, model: BenchmarkNet, crmt: Optional[nn.Module], 
         if method == "lip-jt":
             return lipschitz_margin_loss(model(**inputs), y, head=model.fusion, widths=model.feature_dims,
                                          lipschitz=lipschitz, eps=now)
-        share = now / math.sqrt(len(lipschitz)) if MODALITY_SHARE else now
+        share = None if MODALITY_SHARE else now   # None: certified_loss's default, eps / sqrt(M)
         return certified_loss(crmt(inputs), y, crmt=crmt, lipschitz=lipschitz, eps=now, rho=rho, eps_modality=share)
 
     return loss
