@@ -520,7 +520,8 @@ class CRMTWrapper(nn.Module):
                     )
         return CRMTOutput(logits=logits, unimodal=last["unimodal"], features=last["features"])
 
-    def missing_fill_loss(self, fill: Mapping[str, Tensor]) -> Tensor:
+    def missing_fill_loss(self, fill: Mapping[str, Tensor],
+                          modalities: Union[str, Sequence[str], None] = None) -> Tensor:
         """Scalar: how much class evidence each modality carries when it is *missing* (replaced by its fill).
 
         ``fill`` maps every modality to one sample's input (no batch dimension) that stands for the modality
@@ -532,7 +533,11 @@ class CRMTWrapper(nn.Module):
             mean_m KL(uniform_K || softmax(u^(m)(fill))) = mean_m [LSE_k u_k^(m) - mean_k u_k^(m) - log K]
 
         is >= 0 and 0 exactly when u^(m)(fill) is the same for every class, so that with m missing the
-        prediction is the other modalities' own prediction (the one CRMT's margin term trains). One forward
+        prediction is the other modalities' own prediction (the one CRMT's margin term trains). ``modalities``:
+        the ones to constrain (default all; ``fill`` still names every modality, the forward needs them all).
+        Leave out a modality whose fill is a plausible input (real samples within your attack radius of it, e.g.
+        a "no motion" sensor class near the mean window): there "no evidence" contradicts those samples' class,
+        and an attack that moves them onto the fill gets the modality's removal for free. One forward
         of a batch of one per step, in eval mode (BatchNorm running statistics, no dropout: the mode the
         missing-modality evaluation runs in), every submodule's ``training`` flag restored exactly. Under DDP call
         it on this wrapper (``ddp.module``), not through DDP: its gradient joins the same backward and is averaged
@@ -560,12 +565,18 @@ class CRMTWrapper(nn.Module):
                 f"missing_fill_loss expected one fill input per modality {list(self.modalities)}, found {found}; "
                 "pass {name: one sample's input}, e.g. crmt_plugin.attacks.modality_means(train_loader)"
             )
+        names = list(self.modalities) if modalities is None else [modalities] if isinstance(modalities, str) else \
+            list(modalities)
+        if not names or not set(names) <= set(self.modalities):
+            raise CRMTError(f"missing_fill_loss: modalities must be a non-empty subset of {list(self.modalities)}, "
+                            f"found {names}")
         device = self._device()
         inputs = {n: torch.as_tensor(fill[n]).to(device).unsqueeze(0) for n in self.modalities}
         with ModeGuard(self.model, eval_mode=True):
             out = self(inputs)
         a = self.head.integration_weights()                                            # (M, K)
-        u = a * torch.stack([out.unimodal[n][0] for n in self.modalities]).to(a.dtype)  # (M, K)
+        rows = [self.modalities.index(n) for n in names]
+        u = a[rows] * torch.stack([out.unimodal[n][0] for n in names]).to(a.dtype)     # (M', K)
         kl = torch.logsumexp(u, dim=1) - u.mean(dim=1) - math.log(u.shape[1])
         return kl.mean()
 

@@ -348,9 +348,9 @@ def test_the_missing_fill_term_is_in_the_crmt_recipes_but_the_papers(method, tmp
     calls = []
     real = CRMTWrapper.missing_fill_loss
 
-    def spy(self, fill):
-        calls.append({n: t.clone() for n, t in fill.items()})
-        return real(self, fill)
+    def spy(self, fill, modalities=None):
+        calls.append(({n: t.clone() for n, t in fill.items()}, modalities))
+        return real(self, fill, modalities)
 
     monkeypatch.setattr(CRMTWrapper, "missing_fill_loss", spy)
     data = load_npz(write(tmp_path / "tiny.npz", **tiny()))
@@ -361,6 +361,32 @@ def test_the_missing_fill_term_is_in_the_crmt_recipes_but_the_papers(method, tmp
         assert bool(calls) == expected, (method, weight, len(calls))
         if expected:
             means = data.train_mean()
-            for n, t in calls[0].items():
+            fill, constrained = calls[0]
+            for n, t in fill.items():
                 assert t.shape == data.x[n].shape[1:]
                 torch.testing.assert_close(t, means[n].expand_as(t))
+            train_x, _ = data.part("train")
+            assert constrained == recipes_fill_gate(train_x, fill, 0.5)
+
+
+def recipes_fill_gate(train_x, fill, radius):
+    from crmt_plugin.benchmark.recipes import fill_is_implausible
+
+    return fill_is_implausible(train_x, fill, radius)
+
+
+def test_the_missing_fill_term_leaves_out_a_modality_whose_fill_is_a_plausible_input():
+    """A modality with more than 1 % of its training samples within the radius of its fill is not constrained (its
+    fill is a real input there); one with a few such samples still is."""
+    from crmt_plugin.benchmark.recipes import PLAUSIBLE_FILL_SHARE, fill_is_implausible
+
+    gen = torch.Generator().manual_seed(0)
+    far = torch.randn(200, 5, generator=gen) + 10.0                     # nothing near the fill 0
+    near = torch.randn(200, 5, generator=gen) + 10.0
+    near[:10] = 0.01 * torch.randn(10, 5, generator=gen)               # 5 % of the samples at the fill
+    few = torch.randn(200, 5, generator=gen) + 10.0
+    few[:1] = 0.0                                                       # 0.5 %: an outlier
+    fill = {n: torch.zeros(5) for n in ("far", "near", "few")}
+    assert PLAUSIBLE_FILL_SHARE == 0.01
+    assert fill_is_implausible({"far": far, "near": near, "few": few}, fill, radius=1.0) == ["far", "few"]
+    assert fill_is_implausible({"near": near}, fill, radius=1e-6) == ["near"]    # nothing within a tiny radius

@@ -97,3 +97,19 @@ def test_refuses_a_fill_that_does_not_name_every_modality(cnn):
     inputs, _ = cnn_batch()
     with pytest.raises(CRMTError, match="one fill input per modality"):
         crmt.missing_fill_loss({"audio": inputs["audio"][0]})
+
+
+def test_modalities_selects_which_fill_contributions_are_constrained():
+    crmt = wrap(linear_model({"a": 4, "b": 3}, {"a": 5, "b": 6}, 4, seed=3))
+    gen = torch.Generator().manual_seed(3)
+    fill = {"a": torch.randn(4, generator=gen, dtype=torch.float64),
+            "b": torch.randn(3, generator=gen, dtype=torch.float64)}
+    u = contributions(crmt, fill).double()
+    kl = torch.logsumexp(u, dim=1) - u.mean(dim=1) - math.log(u.shape[1])
+    torch.testing.assert_close(crmt.missing_fill_loss(fill, "b").detach().double(), kl[1])
+    torch.testing.assert_close(crmt.missing_fill_loss(fill, ["a", "b"]).detach().double(), kl.mean())
+    with pytest.raises(CRMTError, match="non-empty subset"):
+        crmt.missing_fill_loss(fill, ["c"])
+    with pytest.raises(CRMTError, match="non-empty subset"):
+        crmt.missing_fill_loss(fill, [])
+

@@ -330,6 +330,8 @@ def evaluate(trained: Any, data: BenchmarkData, radius: float, cfg: EvalConfig, 
     row["eval_cpu_seconds"] = time.process_time() - cpu_started
     if trained.step2 is not None:
         row["step2"] = trained.step2
+    if getattr(trained, "missing_fill_modalities", None) is not None:
+        row["missing_fill_modalities"] = list(trained.missing_fill_modalities)
     return row
 
 
