@@ -1,6 +1,6 @@
 """Ablation of ``crmt.missing_fill_loss``: each CRMT recipe trained without and with it, the same seed.
 
-    OMP_NUM_THREADS=1 python experiments/missing_fill_ablation.py      # -> experiments/results/missing_fill_ablation.json
+    OMP_NUM_THREADS=1 python experiments/missing_fill_ablation.py   # -> experiments/results/missing_fill_ablation.json
     OMP_NUM_THREADS=1 python experiments/missing_fill_ablation.py --runs watch:crmt-jt:0   # one cell
 
 Every cell trains ``method`` with :func:`crmt_plugin.benchmark.recipes.train` and the benchmark's defaults at a
