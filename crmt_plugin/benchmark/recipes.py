@@ -457,15 +457,16 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
                                     **extra)
     mix = torch.distributions.Beta(cfg.alpha, cfg.alpha)
 
-    neutral_fill, neutral = None, []   # CRMT recipes: a missing (train-mean-filled) modality carries no evidence
-    if method in NEUTRAL_FILL_METHODS and cfg.missing_fill_weight > 0:
-        neutral_fill = {n: m.to(device).expand(data.x[n].shape[1:]).clone() for n, m in data.train_mean().items()}
-        neutral = fill_is_implausible(train_x, neutral_fill, cfg.train_eps)
+    # what stands for a missing modality (the evaluation's fill): step 2's constraint, and for the CRMT recipes a
+    # missing modality that carries no evidence (on the modalities where the fill is no plausible input)
+    fill = {n: m.to(device).expand(data.x[n].shape[1:]).clone() for n, m in data.train_mean().items()}
+    neutral = (fill_is_implausible(train_x, fill, cfg.train_eps)
+               if method in NEUTRAL_FILL_METHODS and cfg.missing_fill_weight > 0 else [])
 
     def loss_of(inputs: Dict[str, Tensor], y: Tensor) -> Tensor:
         loss = recipe_loss(inputs, y)
         if neutral:
-            loss = loss + cfg.missing_fill_weight * crmt.missing_fill_loss(neutral_fill, neutral)
+            loss = loss + cfg.missing_fill_weight * crmt.missing_fill_loss(fill, neutral)
         return loss
 
     def recipe_loss(inputs: Dict[str, Tensor], y: Tensor) -> Tensor:
@@ -531,7 +532,6 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
         train_loader = batch_list(train_x, train_y)
         val_loader = batch_list(val_x, val_y)
         lipschitz = crmt.estimate_lipschitz(train_loader)
-        fill = {n: m.to(device).expand(data.x[n].shape[1:]).clone() for n, m in data.train_mean().items()}
         step2_lip = sound_constants(model, data) if method in LIPSCHITZ_METHODS else lipschitz  # crmt-lip: sound
         step2 = _step2(method, crmt, train_loader, val_loader, step2_lip, cfg, seed, fill, schedule.epochs)
         plain = crmt.export().eval()
