@@ -99,9 +99,8 @@ def crmt_kwargs(args: argparse.Namespace) -> Dict[str, float]:
 
 
 def step2_kwargs(args: argparse.Namespace, run: "Run") -> Dict[str, Any]:
-    """``fit_integration`` keywords: the validation split, the train-mean missing fill, and
-    ``--integration-epochs`` when given."""
-    out: Dict[str, Any] = {"val_loader": run.val_loader, "missing_fill": run.missing_fill}
+    """``fit_integration`` keywords: the validation split, and ``--integration-epochs`` when given."""
+    out: Dict[str, Any] = {"val_loader": run.val_loader}
     if getattr(args, "integration_epochs", None) is not None:
         out["epochs"] = args.integration_epochs
     return out
@@ -116,7 +115,6 @@ class Run:
         model: a fresh late-fusion model; its fusion ``nn.Linear`` is at ``run.head``.
         head: ``"fusion.fc"`` (the reference models of AV digits / mfeat) or ``"fusion"`` (a .npz).
         train_loader / val_loader: lists of ``({name: (B, ...)}, y)`` batches.
-        missing_fill: {name: one sample's train mean}, what stands for a missing modality (the evaluation's fill).
     """
 
     def __init__(self, args: argparse.Namespace, method: str) -> None:
@@ -151,8 +149,6 @@ class Run:
         self._val = self._on_device("validation")
         self.train_loader = list(batches(*self._train, args.batch_size))
         self.val_loader = list(batches(*self._val, args.batch_size))
-        self.missing_fill = {n: m.to(self.device).expand(self.data.x[n].shape[1:]).clone()
-                             for n, m in self.data.train_mean().items()}
         self.out = args.out or os.path.join("runs", f"{method}-{self.dataset}-seed{args.seed}")
         self.selection = BestOnValidation()
         self.history: List[Dict[str, float]] = []

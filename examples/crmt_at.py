@@ -27,7 +27,6 @@ def main(argv=None):
         for inputs, y in run.batches():
             adversarial = attack(model, inputs, y)
             loss = crmt_plugin.crmt_loss(crmt(adversarial), y, **common.crmt_kwargs(args))
-            loss = loss + crmt.missing_fill_loss(run.missing_fill)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

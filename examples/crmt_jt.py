@@ -25,7 +25,6 @@ def main(argv=None):
         model.train()
         for inputs, y in run.batches():
             loss = crmt_plugin.crmt_loss(crmt(inputs), y, **common.crmt_kwargs(args))
-            loss = loss + crmt.missing_fill_loss(run.missing_fill)  # a missing modality adds no evidence
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

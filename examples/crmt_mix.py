@@ -29,7 +29,6 @@ def main(argv=None):
             mixed = {name: lam * x + (1 - lam) * x[other] for name, x in inputs.items()}
             loss = crmt_plugin.crmt_loss(crmt(mixed), y, **common.crmt_kwargs(args),
                                          y_b=y[other], lam=lam)
-            loss = loss + crmt.missing_fill_loss(run.missing_fill)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -23,7 +23,8 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, crmt=True)
     run = common.setup(args, "crmt-trades")
     model = run.model
-    # the default shared scale lets the logits grow as a plain head's do (docs/method.md, "The shared scale")
+    # the wrapper's default shared scale (one learnable scale for all a^(m)) lets the logits grow as a plain
+    # head's do under Adam: the training attack and TRADES' KL depend on it (docs/method.md, "The shared scale")
     crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     attack = run.train_attack(loss=trades_kl_loss)  # PGD maximising the KL to the clean prediction
@@ -36,7 +37,6 @@ def main(argv=None):
             out_adversarial = crmt(adversarial)
             trades = lambda logits, y: F.cross_entropy(out.logits, y) + args.beta * kl(logits, out.logits)  # noqa: E731
             loss = crmt_plugin.crmt_loss(out_adversarial, y, base_loss=trades, **common.crmt_kwargs(args))
-            loss = loss + crmt.missing_fill_loss(run.missing_fill)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -46,9 +46,9 @@ class Batches:
 class LateFusionModule(pl.LightningModule):
     """jt.py's / crmt_jt.py's loop body: cross-entropy, or ``crmt_loss`` on the wrapped model."""
 
-    def __init__(self, model, args, crmt=None, missing_fill=None):
+    def __init__(self, model, args, crmt=None):
         super().__init__()
-        self.model, self.crmt, self.args, self.missing_fill = model, crmt, args, missing_fill
+        self.model, self.crmt, self.args = model, crmt, args
 
     def training_step(self, batch, batch_idx):
         inputs, y = batch
@@ -56,7 +56,6 @@ class LateFusionModule(pl.LightningModule):
             loss = F.cross_entropy(self.model(**inputs), y)
         else:
             loss = crmt_plugin.crmt_loss(self.crmt(inputs), y, **common.crmt_kwargs(self.args))
-            loss = loss + self.crmt.missing_fill_loss(self.missing_fill)  # as crmt_jt.py
         self.log("train_loss", loss, on_step=False, on_epoch=True)
         return loss
 
@@ -94,7 +93,7 @@ def train(args, method):
     crmt = None
     if method == "crmt-jt":
         crmt = crmt_plugin.CRMTWrapper(model, head=run.head, modalities=model.feature_dims, integration_init=0.1)
-    module = LateFusionModule(model, args, crmt, run.missing_fill)
+    module = LateFusionModule(model, args, crmt)
     steps = sum(1 for _ in run.batches())  # batches per epoch; the count shuffles once, so reset the generator:
     run.generator.manual_seed(args.seed)
     train_batches = Batches(run.batches, steps)
