@@ -180,17 +180,8 @@ def _missing_fill_logits(crmt, missing_fill, z: Tensor, n_global: float) -> Tens
     """(M, K): the uni-modal logits that stand for each modality when it is missing."""
     if missing_fill is None:  # the modality's mean logits over the (global) training cache
         return all_reduce_sum(z.sum(dim=0)) / n_global
-    if not isinstance(missing_fill, Mapping) or set(missing_fill) != set(crmt.modalities):
-        found = sorted(missing_fill) if isinstance(missing_fill, Mapping) else type(missing_fill).__name__
-        raise CRMTError(
-            f"missing_fill must map every modality {list(crmt.modalities)} to one sample's fill input "
-            f"(e.g. crmt_plugin.attacks.modality_means(train_loader)), found {found}"
-        )
-    device = crmt.head.bias.device
-    inputs = {n: torch.as_tensor(missing_fill[n]).to(device).unsqueeze(0) for n in crmt.modalities}
-    with ModeGuard(crmt.model, eval_mode=True), torch.no_grad(), no_autocast(device):
-        out = crmt(inputs)
-    fill = torch.stack([out.unimodal[n][0] for n in crmt.modalities]).double()
+    with torch.no_grad(), no_autocast(crmt.head.bias.device):
+        fill = crmt.fill_unimodal_logits(missing_fill).double()
     if not bool(torch.isfinite(fill).all()):
         raise CRMTError("missing_fill gives non-finite uni-modal logits; check the fill inputs for NaN/Inf")
     return fill

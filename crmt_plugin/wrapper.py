@@ -559,26 +559,46 @@ class CRMTWrapper(nn.Module):
             >>> bool(term >= 0), term.shape
             (True, torch.Size([]))
         """
-        if not isinstance(fill, Mapping) or set(fill) != set(self.modalities):
-            found = sorted(fill) if isinstance(fill, Mapping) else type(fill).__name__
-            raise CRMTError(
-                f"missing_fill_loss expected one fill input per modality {list(self.modalities)}, found {found}; "
-                "pass {name: one sample's input}, e.g. crmt_plugin.attacks.modality_means(train_loader)"
-            )
         names = list(self.modalities) if modalities is None else [modalities] if isinstance(modalities, str) else \
             list(modalities)
         if not names or not set(names) <= set(self.modalities):
             raise CRMTError(f"missing_fill_loss: modalities must be a non-empty subset of {list(self.modalities)}, "
                             f"found {names}")
+        z = self.fill_unimodal_logits(fill)                                            # (M, K)
+        rows = [self.modalities.index(n) for n in names]
+        a = self.head.integration_weights()
+        u = a[rows] * z[rows].to(a.dtype)                                              # (M', K)
+        kl = torch.logsumexp(u, dim=1) - u.mean(dim=1) - math.log(u.shape[1])
+        return kl.mean()
+
+    def fill_unimodal_logits(self, fill: Mapping[str, Tensor]) -> Tensor:
+        """(M, K) z^(m)(fill): each modality's uni-modal logits at its fill input, rows in modality order.
+
+        ``fill`` maps every modality to one sample's input (no batch dimension). One forward of a batch of one in
+        eval mode, every submodule's ``training`` flag restored exactly; differentiable (wrap it in
+        ``torch.no_grad()`` for values only). What step 2 protects with ``missing_fill`` and what
+        :meth:`missing_fill_loss` constrains.
+
+        Example::
+
+            >>> import torch
+            >>> from torch import nn
+            >>> crmt = CRMTWrapper(nn.Sequential(nn.Linear(7, 3)), head="0", modalities={"a": 4, "b": 3},
+            ...                    call=lambda model, x: model(torch.cat([x["a"], x["b"]], 1)))   # identity encoders
+            >>> crmt.fill_unimodal_logits({"a": torch.zeros(4), "b": torch.zeros(3)}).shape
+            torch.Size([2, 3])
+        """
+        if not isinstance(fill, Mapping) or set(fill) != set(self.modalities):
+            found = sorted(fill) if isinstance(fill, Mapping) else type(fill).__name__
+            raise CRMTError(
+                f"a missing-modality fill (missing_fill) must map every modality {list(self.modalities)} to one "
+                f"sample's input (e.g. crmt_plugin.attacks.modality_means(train_loader)), found {found}"
+            )
         device = self._device()
         inputs = {n: torch.as_tensor(fill[n]).to(device).unsqueeze(0) for n in self.modalities}
         with ModeGuard(self.model, eval_mode=True):
             out = self(inputs)
-        a = self.head.integration_weights()                                            # (M, K)
-        rows = [self.modalities.index(n) for n in names]
-        u = a[rows] * torch.stack([out.unimodal[n][0] for n in names]).to(a.dtype)     # (M', K)
-        kl = torch.logsumexp(u, dim=1) - u.mean(dim=1) - math.log(u.shape[1])
-        return kl.mean()
+        return torch.stack([out.unimodal[n][0] for n in self.modalities])
 
     def _device(self) -> torch.device:
         return self.head.bias.device

@@ -370,15 +370,15 @@ def test_the_missing_fill_term_is_in_the_crmt_recipes_but_the_papers(method, tmp
 
 
 def recipes_fill_gate(train_x, fill, radius):
-    from crmt_plugin.benchmark.recipes import fill_is_implausible
+    from crmt_plugin.benchmark.recipes import neutral_fill_modalities
 
-    return fill_is_implausible(train_x, fill, radius)
+    return neutral_fill_modalities(train_x, fill, radius)
 
 
 def test_the_missing_fill_term_leaves_out_a_modality_whose_fill_is_a_plausible_input():
     """A modality with more than 1 % of its training samples within the radius of its fill is not constrained (its
     fill is a real input there); one with a few such samples still is."""
-    from crmt_plugin.benchmark.recipes import PLAUSIBLE_FILL_SHARE, fill_is_implausible
+    from crmt_plugin.benchmark.recipes import PLAUSIBLE_FILL_SHARE, neutral_fill_modalities
 
     gen = torch.Generator().manual_seed(0)
     far = torch.randn(200, 5, generator=gen) + 10.0                     # nothing near the fill 0
@@ -388,5 +388,5 @@ def test_the_missing_fill_term_leaves_out_a_modality_whose_fill_is_a_plausible_i
     few[:1] = 0.0                                                       # 0.5 %: an outlier
     fill = {n: torch.zeros(5) for n in ("far", "near", "few")}
     assert PLAUSIBLE_FILL_SHARE == 0.01
-    assert fill_is_implausible({"far": far, "near": near, "few": few}, fill, radius=1.0) == ["far", "few"]
-    assert fill_is_implausible({"near": near}, fill, radius=1e-6) == ["near"]    # nothing within a tiny radius
+    assert neutral_fill_modalities({"far": far, "near": near, "few": few}, fill, radius=1.0) == ["far", "few"]
+    assert neutral_fill_modalities({"near": near}, fill, radius=1e-6) == ["near"]    # nothing within a tiny radius

@@ -95,7 +95,7 @@ def test_training_with_it_makes_the_filled_modality_neutral():
 def test_refuses_a_fill_that_does_not_name_every_modality(cnn):
     crmt = wrap(cnn)
     inputs, _ = cnn_batch()
-    with pytest.raises(CRMTError, match="one fill input per modality"):
+    with pytest.raises(CRMTError, match="must map every modality"):
         crmt.missing_fill_loss({"audio": inputs["audio"][0]})
 
 

@@ -39,8 +39,7 @@ from ..lipschitz_layers import AOLConv1d, AOLConv2d, AOLLinear, MaxMin, Modality
 from .data import BenchmarkData
 from .models import BenchmarkNet, size_rule
 
-__all__ = ["LIPSCHITZ_METHODS", "EPS_FACTOR", "WARMUP", "RHO", "WIDTH", "REFRESH", "MODALITY_SHARE", "scale_for",
-           "lipschitz_encoder_for",
+__all__ = ["LIPSCHITZ_METHODS", "EPS_FACTOR", "WARMUP", "RHO", "WIDTH", "REFRESH", "scale_for", "lipschitz_encoder_for",
            "lipschitz_model", "construction_constants", "sound_constants", "lipschitz_loss"]
 
 LIPSCHITZ_METHODS = ("lip-jt", "crmt-lip")
@@ -49,7 +48,6 @@ WARMUP = 0.2         # fraction of the steps over which eps ramps up from 0
 RHO = 0.5            # weight of crmt-lip's per-modality term
 WIDTH = 1            # feature width (and channels) = WIDTH x the size rule's f
 REFRESH = 10         # the loss's L^(m): the encoders' sound bound, recomputed every REFRESH steps (0: by construction)
-MODALITY_SHARE = True  # crmt-lip: the per-modality term at eps / sqrt(M), each modality's share of the joint budget
 
 
 def scale_for(x: Tensor) -> ModalityScale:
@@ -156,7 +154,7 @@ def lipschitz_loss(method: str, model: BenchmarkNet, crmt: Optional[nn.Module], 
         if method == "lip-jt":
             return lipschitz_margin_loss(model(**inputs), y, head=model.fusion, widths=model.feature_dims,
                                          lipschitz=lipschitz, eps=now)
-        share = None if MODALITY_SHARE else now   # None: certified_loss's default, eps / sqrt(M)
-        return certified_loss(crmt(inputs), y, crmt=crmt, lipschitz=lipschitz, eps=now, rho=rho, eps_modality=share)
+        # the per-modality term at certified_loss's default budget, eps / sqrt(M)
+        return certified_loss(crmt(inputs), y, crmt=crmt, lipschitz=lipschitz, eps=now, rho=rho)
 
     return loss

@@ -51,7 +51,7 @@ from .models import ENCODER_FAMILIES, BenchmarkNet, FrozenEncoder, build_model, 
 
 __all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "INTEGRATION_INIT", "TrainConfig", "Trained", "train",
            "check_methods", "accuracy", "BestOnValidation", "new_model", "Schedule", "training_schedule",
-           "DEFAULT_MIN_STEPS", "NEUTRAL_FILL_METHODS", "PLAUSIBLE_FILL_SHARE", "fill_is_implausible"]
+           "DEFAULT_MIN_STEPS", "NEUTRAL_FILL_METHODS", "PLAUSIBLE_FILL_SHARE", "neutral_fill_modalities"]
 
 METHODS = ("jt", "crmt-jt", "pgd-at", "crmt-at", "trades", "crmt-trades", "mixup", "crmt-mix", "paper-crmt-jt",
            *LIPSCHITZ_METHODS)
@@ -210,18 +210,19 @@ class Trained:
 PLAUSIBLE_FILL_SHARE = 0.01
 
 
-def fill_is_implausible(train_x: Dict[str, Tensor], fill: Dict[str, Tensor], radius: float) -> List[str]:
-    """The modalities whose fill is *not* a plausible input: fewer than ``PLAUSIBLE_FILL_SHARE`` of the training
-    samples lie within l2 ``radius`` of it (in that modality alone). ``crmt.missing_fill_loss`` constrains only
-    these: where real samples sit within the attack radius of the fill (BasicMotions' "standing" gyroscope
-    windows, a quarter of the set, within 2.95 of the mean window), "the fill carries no evidence" contradicts
+def neutral_fill_modalities(train_x: Dict[str, Tensor], fill: Dict[str, Tensor], radius: float) -> List[str]:
+    """The modalities the missing-fill term may constrain: those whose fill is *not* a plausible input, i.e. fewer
+    than ``PLAUSIBLE_FILL_SHARE`` of the training samples lie within l2 ``radius`` of it (in that modality alone).
+    ``crmt.missing_fill_loss`` constrains only these: where real samples sit within the attack radius of the fill
+    (BasicMotions' "standing" gyroscope windows, a quarter of the set, within 2.95 of the mean window), "the fill
+    carries no evidence" contradicts
     their class, and a joint attack that moves them onto the fill removes the modality for free (measured:
     CRMT-AT's joint accuracy 77.5 -> 62.5 % with the term on both modalities, docs/method.md).
 
     Example:
 
         >>> x = {"a": torch.randn(100, 4) + 5.0, "b": torch.randn(100, 3)}
-        >>> fill_is_implausible(x, {"a": torch.zeros(4), "b": torch.zeros(3)}, radius=1.0)
+        >>> neutral_fill_modalities(x, {"a": torch.zeros(4), "b": torch.zeros(3)}, radius=1.0)
         ['a']
     """
     out = []
@@ -460,7 +461,7 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
     # what stands for a missing modality (the evaluation's fill): step 2's constraint, and for the CRMT recipes a
     # missing modality that carries no evidence (on the modalities where the fill is no plausible input)
     fill = {n: m.to(device).expand(data.x[n].shape[1:]).clone() for n, m in data.train_mean().items()}
-    neutral = (fill_is_implausible(train_x, fill, cfg.train_eps)
+    neutral = (neutral_fill_modalities(train_x, fill, cfg.train_eps)
                if method in NEUTRAL_FILL_METHODS and cfg.missing_fill_weight > 0 else [])
 
     def loss_of(inputs: Dict[str, Tensor], y: Tensor) -> Tensor:
