@@ -547,14 +547,9 @@ class CRMTWrapper(nn.Module):
 
             >>> import torch
             >>> from torch import nn
-            >>> class Net(nn.Module):
-            ...     def __init__(self):
-            ...         super().__init__()
-            ...         self.a, self.b, self.fusion = nn.Linear(4, 8), nn.Linear(3, 8), nn.Linear(16, 5)
-            ...     def forward(self, a, b):
-            ...         return self.fusion(torch.cat([self.a(a), self.b(b)], 1))
-            >>> crmt = CRMTWrapper(Net(), head="fusion", modalities={"a": 8, "b": 8})
-            >>> term = crmt.missing_fill_loss({"a": torch.zeros(4), "b": torch.zeros(3)})
+            >>> crmt = CRMTWrapper(nn.Sequential(nn.Linear(7, 5)), head="0", modalities={"a": 4, "b": 3},
+            ...                    call=lambda model, x: model(torch.cat([x["a"], x["b"]], 1)))   # identity encoders
+            >>> term = crmt.missing_fill_loss({"a": torch.ones(4), "b": torch.ones(3)})
             >>> term.backward()
             >>> bool(term >= 0), term.shape
             (True, torch.Size([]))
