@@ -5,8 +5,10 @@ A fixed ``rho`` chosen on some data sets does not transfer to every other kind o
 preferred-modality columns to the weak modality, and with adversarial training it can cost joint
 robustness. :func:`select_rho` trains one model per candidate with the user's own loop (a function
 ``fit(rho) -> model``), scores each on a validation loader, and keeps the most robust one whose clean
-accuracy stays within ``clean_tolerance`` of the ``rho = 0`` candidate (the baseline without the margin
-term). Because ``rho = 0`` is a candidate, the selection can always fall back to "CRMT does not help here".
+accuracy stays within ``clean_tolerance`` of a reference: your own model trained without CRMT when you
+pass it (``baseline=``), else the ``rho = 0`` candidate (CRMT without the margin term). With ``baseline``
+the selection can always fall back to "CRMT does not help here" and return your model itself; without it
+the fallback is ``rho = 0``, which keeps the CRMT head and can cost clean accuracy on its own.
 
 The score of a model on a validation loader (:func:`validation_scores`), every number an accuracy in [0, 1]:
 
@@ -25,8 +27,13 @@ Example::
         ...                                         # train with crmt_plugin.crmt_loss(crmt(x), y, rho=rho)
         return crmt
 
-    chosen = crmt_plugin.select_rho(fit, val_loader, radius=1.0, missing_fill=means)
+    def fit_baseline():                             # the same loop without CRMT (optional, recommended)
+        ...
+        return model
+
+    chosen = crmt_plugin.select_rho(fit, val_loader, radius=1.0, missing_fill=means, baseline=fit_baseline)
     chosen.rho, chosen.model, chosen.table          # the candidates' scores, one dict each
+    chosen.baseline_chosen                          # True: CRMT did not help on this data
 """
 
 from __future__ import annotations
@@ -55,18 +62,24 @@ class RhoSelection:
     """What :func:`select_rho` chose and why.
 
     Attributes:
-        rho: the chosen candidate.
-        model: what ``fit(rho)`` returned for it.
-        table: one dict per candidate, in the order tried: ``rho``, the :func:`validation_scores`, and
-            ``eligible`` (clean accuracy within the tolerance of the reference).
-        reference_clean: the clean accuracy the tolerance is measured from (the ``rho = 0`` candidate's,
-            else the best candidate's).
+        rho: the chosen candidate; ``None`` when the ``baseline`` model (your loop without CRMT) was chosen.
+        model: what ``fit(rho)`` (or ``baseline()``) returned for it.
+        table: one dict per candidate, in the order tried: ``rho`` (``None`` for the baseline, which is
+            tried first), the :func:`validation_scores`, and ``eligible`` (clean accuracy within the
+            tolerance of the reference).
+        reference_clean: the clean accuracy the tolerance is measured from: the baseline's when one is
+            given, else the ``rho = 0`` candidate's, else the best candidate's.
     """
 
-    rho: float
+    rho: Optional[float]
     model: Any
-    table: List[Dict[str, float]] = field(default_factory=list)
+    table: List[Dict[str, Any]] = field(default_factory=list)
     reference_clean: float = float("nan")
+
+    @property
+    def baseline_chosen(self) -> bool:
+        """True when no CRMT candidate beat the baseline: CRMT does not help on this data, at this tolerance."""
+        return self.rho is None
 
 
 def _accuracy(correct: List[Tensor]) -> float:
@@ -167,13 +180,20 @@ def select_rho(
     candidates: Sequence[float] = DEFAULT_CANDIDATES,
     clean_tolerance: float = DEFAULT_CLEAN_TOLERANCE,
     score: Optional[Callable[[Any], Mapping[str, float]]] = None,
+    baseline: Optional[Callable[[], Any]] = None,
     **score_kwargs: Any,
 ) -> RhoSelection:
     """Train one model per ``rho`` with ``fit(rho)``, keep the most robust one that stays accurate.
 
-    Rule: reference = the clean validation accuracy of the ``rho = 0`` candidate (or the best clean
-    accuracy when 0 is not a candidate); eligible = candidates with clean >= reference - clean_tolerance;
-    chosen = the eligible candidate with the highest ``mean_robust`` (ties: the smaller rho).
+    Rule: reference = the clean validation accuracy of the ``baseline`` model when one is given, else of
+    the ``rho = 0`` candidate (or the best clean accuracy when 0 is not a candidate); eligible = the
+    baseline and the candidates with clean >= reference - clean_tolerance; chosen = the eligible one with
+    the highest ``mean_robust`` (ties: the baseline, then the smaller rho).
+
+    ``rho = 0`` is CRMT without the margin term, not your model: it keeps the CRMT head (and whatever
+    else your ``fit`` adds, e.g. step 2), which can cost clean accuracy on its own. Pass ``baseline``
+    (your loop without CRMT, ``baseline() -> model``) to measure the tolerance from your model and to let
+    the selection answer "CRMT does not help here" with your model itself (``rho`` is then ``None``).
 
     Args:
         fit: your training loop as a function of rho (called once per candidate, in order); returns the
@@ -183,10 +203,11 @@ def select_rho(
         candidates: the rho values to try (>= 0; include 0.0 so that "no margin term" can win).
         clean_tolerance: how much clean validation accuracy a candidate may lose against the reference.
         score: ``score(model) -> {"clean", "mean_robust", ...}`` to replace :func:`validation_scores`.
+        baseline: ``baseline() -> model``, your loop without CRMT (called once, before the candidates).
         score_kwargs: passed to :func:`validation_scores` (``missing_fill``, ``steps``, ``call``, ...).
 
-    Cost: ``len(candidates)`` trainings plus their validation scores; each training step costs what a
-    fixed-rho step costs (docs/benchmarks.md).
+    Cost: ``len(candidates)`` trainings (one more with ``baseline``) plus their validation scores; each
+    training step costs what a fixed-rho step costs (docs/benchmarks.md).
 
     Example:
 
@@ -195,6 +216,11 @@ def select_rho(
         >>> chosen = select_rho(fits.get, [], radius=1.0, candidates=(0.0, 0.5), score=scores.get)
         >>> chosen.rho, chosen.model
         (0.5, 'crmt')
+        >>> scores["plain"] = {"clean": 0.91, "mean_robust": 0.35}   # your model: 1 point more accurate
+        >>> chosen = select_rho(fits.get, [], radius=1.0, candidates=(0.0, 0.5), score=scores.get,
+        ...                     baseline=lambda: "plain")
+        >>> chosen.rho, chosen.model, chosen.baseline_chosen
+        (None, 'plain', True)
     """
     values = [float(c) for c in candidates]
     if not values or any(not (math.isfinite(c) and c >= 0) for c in values) or len(set(values)) != len(values):
@@ -202,20 +228,27 @@ def select_rho(
                         f"e.g. {DEFAULT_CANDIDATES}")
     if not (math.isfinite(clean_tolerance) and clean_tolerance >= 0):
         raise CRMTError(f"select_rho: clean_tolerance must be a finite number >= 0, found {clean_tolerance!r}")
-    table: List[Dict[str, float]] = []
-    models: Dict[float, Any] = {}
-    for rho in values:
-        model = fit(rho)
+    table: List[Dict[str, Any]] = []
+    models: Dict[Optional[float], Any] = {}
+    tries: List[Tuple[Optional[float], Callable[[], Any]]] = [] if baseline is None else [(None, baseline)]
+    tries += [(rho, (lambda rho=rho: fit(rho))) for rho in values]
+    for rho, train in tries:
+        model = train()
         result = dict(score(model) if score is not None else
                       validation_scores(model, val_loader, radius=radius, **score_kwargs))
         for key in ("clean", "mean_robust"):
             if key not in result:
-                raise CRMTError(f"select_rho: the score of rho={rho} lacks {key!r}; found {sorted(result)}")
+                name = "the baseline" if rho is None else f"rho={rho}"
+                raise CRMTError(f"select_rho: the score of {name} lacks {key!r}; found {sorted(result)}")
         table.append({"rho": rho, **{k: float(v) for k, v in result.items()}})
         models[rho] = model
-    reference = next((r["clean"] for r in table if r["rho"] == 0.0), max(r["clean"] for r in table))
+    if baseline is not None:
+        reference = table[0]["clean"]
+    else:
+        reference = next((r["clean"] for r in table if r["rho"] == 0.0), max(r["clean"] for r in table))
     for row in table:
-        row["eligible"] = float(row["clean"] >= reference - clean_tolerance - 1e-12)
+        row["eligible"] = float(row["rho"] is None or row["clean"] >= reference - clean_tolerance - 1e-12)
     eligible = [r for r in table if r["eligible"]] or [max(table, key=lambda r: r["clean"])]
-    best = max(eligible, key=lambda r: (r["mean_robust"], -r["rho"]))
+    # ties: the baseline first, then the smaller rho
+    best = max(eligible, key=lambda r: (r["mean_robust"], 1.0 if r["rho"] is None else -r["rho"]))
     return RhoSelection(rho=best["rho"], model=models[best["rho"]], table=table, reference_clean=float(reference))

@@ -193,8 +193,9 @@ def write_pages(args: argparse.Namespace) -> str:
               "(ties: the lower validation loss). CRMT methods use the library defaults of `crmt_loss` and "
               "`fit_integration` (step 2 with the validation split) and, where `crmt-benchmark` selects (its "
               "default `--select`), each seed's rho chosen on the validation split among 0, 0.1 and 0.5 "
-              "(`crmt_plugin.selection.select_rho`: the most robust candidate within half a point of rho = 0's clean "
-              "validation accuracy; the chosen rho is in each data set's page), plus "
+              "(`crmt_plugin.selection.select_rho` with the recipe's baseline: the most robust of the baseline and "
+              "the candidates within half a point of the baseline's clean validation accuracy, the baseline's own "
+              "model when CRMT does not help; the choices are listed below), plus "
               "`crmt.missing_fill_loss(train mean)` (weight 1: a missing modality adds no class evidence, "
               "docs/method.md; the baselines train without it); so CRMT-JT, "
               "CRMT-AT, CRMT-TRADES and CRMT-Mix have the `CRMTWrapper` default `shared_scale=True, scale_gain=1` "
@@ -255,10 +256,12 @@ def write_pages(args: argparse.Namespace) -> str:
     for name, res in finished.items():
         for r in res["rows"]:
             if "rho" in r:
-                chosen[(name, r["method"])].append(f"{r['rho']:g}")
+                chosen[(name, r["method"])].append("baseline" if r["rho"] is None else f"{r['rho']:g}")
     if chosen:
         lines += ["", "## The rho the validation split chose", "",
-                  "Per seed (`crmt-benchmark`'s default `--select`: candidates 0, 0.1, 0.5; 0 = no margin term):", ""]
+                  "Per seed (`crmt-benchmark`'s default `--select`: candidates 0, 0.1, 0.5; 0 = no margin term; "
+                  "baseline = no CRMT candidate within half a point of the baseline's clean validation accuracy was "
+                  "more robust, so the row is the baseline's model):", ""]
         for (name, method), values in chosen.items():
             lines.append(f"* {name}, {method}: {', '.join(values)}")
     masked = [(name, r["method"], r["seed"]) for name, res in finished.items() for r in res["rows"]

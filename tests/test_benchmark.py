@@ -318,7 +318,12 @@ def test_select_and_encoder_flags_end_to_end(tmp_path, capsys):
     rows = json.loads((tmp_path / "o" / "results.json").read_text())["rows"]
     jt, crmt = rows
     assert "selection" not in jt
-    assert [c["rho"] for c in crmt["selection"]["candidates"]] == [0.0, 0.5] and crmt["rho"] in (0.0, 0.5)
+    # the baseline (rho None) first, then the candidates
+    assert [c["rho"] for c in crmt["selection"]["candidates"]] == [None, 0.0, 0.5] and crmt["rho"] in (None, 0.0, 0.5)
+    baseline_scores = crmt["selection"]["candidates"][0]
+    assert crmt["selection"]["reference_clean"] == baseline_scores["clean"]
+    if crmt["rho"] is None:  # the baseline chosen: the row is JT's model under crmt-jt's name
+        assert crmt["method"] == "crmt-jt" and crmt["clean"] == jt["clean"] and crmt["worst_joint"] == jt["worst_joint"]
     assert crmt["schedule"]["steps"] == crmt["schedule"]["epochs"] * crmt["schedule"]["steps_per_epoch"]
     model = torch.load(tmp_path / "o" / crmt["model"], weights_only=False)
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
@@ -327,6 +332,43 @@ def test_select_and_encoder_flags_end_to_end(tmp_path, capsys):
     assert code == 0
     model = torch.load(tmp_path / "f" / "jt" / "seed0" / "model.pt", weights_only=False)
     assert any(type(m).__name__ == "FrozenEncoder" for m in model.modules())
+
+
+def test_select_falls_back_to_the_trained_baseline(tmp_path, monkeypatch):
+    """When no CRMT candidate is within the tolerance of the baseline's clean accuracy and more robust, the
+    selection returns the baseline's own model (rho None) under the CRMT method's name; without the baseline
+    (--no-select-baseline) it never does."""
+    from crmt_plugin.benchmark import select as select_module
+    from crmt_plugin.benchmark.recipes import TrainConfig
+
+    data = load_npz(write(tmp_path / "t.npz", **tiny()))
+    cfg = TrainConfig(epochs=1, min_steps=0, batch_size=8, train_eps=0.5)
+    scores = iter([{"clean": 0.9, "mean_robust": 0.5},    # baseline
+                   {"clean": 0.8, "mean_robust": 0.9},    # rho 0: more robust but 10 points less accurate
+                   {"clean": 0.95, "mean_robust": 0.4}])  # rho 0.5: accurate, less robust
+    monkeypatch.setattr(select_module, "validation_scores", lambda *a, **k: next(scores))
+    trained = select_module.train_selected("crmt-at", data, cfg, seed=0, radius=0.5, candidates=(0.0, 0.5))
+    assert trained.method == "crmt-at" and trained.crmt is None and trained.selection["rho"] is None
+    assert [c["rho"] for c in trained.selection["candidates"]] == [None, 0.0, 0.5]
+    assert [c["eligible"] for c in trained.selection["candidates"]] == [1.0, 0.0, 1.0]
+    scores = iter([{"clean": 0.8, "mean_robust": 0.9}, {"clean": 0.95, "mean_robust": 0.4}])
+    trained = select_module.train_selected("crmt-at", data, cfg, seed=0, radius=0.5, candidates=(0.0, 0.5),
+                                           baseline=False)
+    assert trained.selection["rho"] == 0.0 and trained.crmt is not None  # rho 0 is the reference: eligible
+
+
+def test_select_reuses_a_given_baseline_and_checks_it(tmp_path, monkeypatch):
+    from crmt_plugin.benchmark import select as select_module
+    from crmt_plugin.benchmark.recipes import TrainConfig, train
+
+    data = load_npz(write(tmp_path / "t.npz", **tiny()))
+    cfg = TrainConfig(epochs=1, min_steps=0, batch_size=8, train_eps=0.5)
+    jt = train("jt", data, cfg, seed=0)
+    monkeypatch.setattr(select_module, "validation_scores", lambda *a, **k: {"clean": 0.9, "mean_robust": 0.5})
+    trained = select_module.train_selected("crmt-jt", data, cfg, seed=0, radius=0.5, candidates=(0.0,), baseline=jt)
+    assert trained.selection["rho"] is None and trained.model is jt.model  # ties go to the baseline
+    with pytest.raises(CRMTError, match="baseline of crmt-jt seed 1"):
+        select_module.train_selected("crmt-jt", data, cfg, seed=1, radius=0.5, candidates=(0.0,), baseline=jt)
 
 
 def test_min_steps_sets_the_epochs(tmp_path):

@@ -89,6 +89,44 @@ def test_select_rho_falls_back_to_the_baseline_when_the_term_costs_accuracy():
     assert select_rho(lambda r: r, [], radius=1.0, candidates=(0.0, 0.5), score=table.get).rho == 0.0
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.tuples(st.floats(0, 1), st.floats(0, 1)),
+       st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=4), st.floats(0, 0.05))
+def test_select_rho_with_a_baseline_rule_property(base, scores, tolerance):
+    """With a baseline: the reference is the baseline's clean accuracy, the baseline is always eligible, the
+    chosen one is eligible and no eligible one is more robust; ties go to the baseline."""
+    rhos = [float(i) / 10 for i in range(len(scores))]
+    table = {"base": {"clean": base[0], "mean_robust": base[1]},
+             **{r: {"clean": c, "mean_robust": m} for r, (c, m) in zip(rhos, scores)}}
+    chosen = select_rho(lambda r: r, [], radius=1.0, candidates=rhos, clean_tolerance=tolerance, score=table.get,
+                        baseline=lambda: "base")
+    assert chosen.reference_clean == base[0] and chosen.table[0]["rho"] is None and chosen.table[0]["eligible"]
+    picked = table["base" if chosen.rho is None else chosen.rho]
+    assert chosen.model == ("base" if chosen.rho is None else chosen.rho)
+    assert chosen.rho is None or picked["clean"] >= base[0] - tolerance - 1e-12
+    for r in rhos:
+        if table[r]["clean"] >= base[0] - tolerance - 1e-12:
+            assert table[r]["mean_robust"] <= picked["mean_robust"]
+    assert base[1] <= picked["mean_robust"]
+    if chosen.rho is not None:
+        assert picked["mean_robust"] > base[1]  # strictly: a tie keeps the baseline
+
+
+def test_select_rho_baseline_is_trained_first_and_once():
+    calls = []
+    scores = {"base": {"clean": 0.9, "mean_robust": 0.3}, 0.0: {"clean": 0.897, "mean_robust": 0.6},
+              0.5: {"clean": 0.85, "mean_robust": 0.9}}
+
+    def fit(rho):
+        calls.append(rho)
+        return rho
+
+    chosen = select_rho(fit, [], radius=1.0, candidates=(0.0, 0.5), score=scores.get,
+                        baseline=lambda: calls.append("base") or "base")
+    assert calls == ["base", 0.0, 0.5]
+    assert chosen.rho == 0.0 and not chosen.baseline_chosen  # 0.5 is 5 points below the baseline: not eligible
+
+
 @pytest.mark.parametrize("bad", [(), (0.0, 0.0), (-1.0,), (math.nan,)])
 def test_select_rho_rejects_bad_candidates(bad):
     with pytest.raises(CRMTError, match="candidates"):

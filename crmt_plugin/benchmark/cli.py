@@ -93,12 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "pretrained BatchNorm encoder per modality, frozen, with a trainable projection)")
     p.add_argument("--select", dest="select", action="store_const", const=True, default=None,
                    help="choose the rho of crmt-jt, crmt-at, crmt-trades and crmt-mix on the validation split among "
-                        "--select-candidates (rho = 0 included: the most robust candidate within half a point of "
-                        "rho = 0's clean validation accuracy); the default unless --rho is given")
+                        "--select-candidates and the recipe's baseline (jt, pgd-at, trades, mixup): the most robust "
+                        "of them within half a point of the baseline's clean validation accuracy, the baseline itself "
+                        "when CRMT does not help (rho null in results.json); the default unless --rho is given")
     p.add_argument("--no-select", dest="select", action="store_const", const=False,
                    help="train every CRMT recipe once with --rho (or the library's default rho)")
     p.add_argument("--select-candidates", type=float, nargs="+", default=list(DEFAULT_CANDIDATES),
                    help="the rho values --select tries")
+    p.add_argument("--no-select-baseline", dest="select_baseline", action="store_false",
+                   help="--select without the baseline: the tolerance measured from rho = 0, never falling back "
+                        "to the baseline (the rule before 2026-12-04)")
     p.add_argument("--missing-fill-weight", type=float, default=1.0,
                    help="weight of CRMTWrapper.missing_fill_loss (a train-mean-filled modality carries no class "
                         "evidence) in crmt-jt/-at/-trades/-mix; 0 turns it off")
@@ -194,17 +198,18 @@ def _configs(args: argparse.Namespace):
 
 
 def _one_job(method: str, seed: int, spec: Dict[str, Any], data: Any = None, trained: Any = None,
-             epoch_bar: Any = None) -> Dict[str, Any]:
+             epoch_bar: Any = None, baseline: Any = True) -> Dict[str, Any]:
     """Train (unless ``trained`` is given) and evaluate one (method, seed) job, write its model.pt and
     return its row. Without ``data`` it runs in a worker process: one torch thread, the data read from
-    ``spec["data"]``."""
+    ``spec["data"]``. ``baseline``: the selection's baseline, already trained (or True: train it)."""
     if data is None:
         torch.set_num_threads(1)
         data = load_npz(spec["data"], data_seed=spec["data_seed"])
     device = torch.device(spec["device"])
     if trained is None:
         trained = (train_selected(method, data, spec["train_cfg"], seed, spec["radius"], candidates=spec["candidates"],
-                                  device=device, epoch_bar=epoch_bar) if spec["select"] else
+                                  baseline=baseline if spec["select_baseline"] else False, device=device,
+                                  epoch_bar=epoch_bar) if spec["select"] else
                    train(method, data, spec["train_cfg"], seed, device=device, epoch_bar=epoch_bar))
     folder = os.path.join(spec["out"], method, f"seed{seed}")
     os.makedirs(folder, exist_ok=True)
@@ -250,10 +255,15 @@ def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any
     train_cfg.train_eps = args.train_eps if args.train_eps is not None else radius
     jobs = [(m, s) for m in methods for s in args.seeds]
     spec = dict(data=args.data, data_seed=args.data_seed, train_cfg=train_cfg, eval_cfg=eval_cfg, radius=radius,
-                select=args.select, candidates=args.select_candidates, device=str(device), out=args.out)
+                select=args.select, candidates=args.select_candidates, select_baseline=args.select_baseline,
+                device=str(device), out=args.out)
     workers = max(1, min(int(getattr(args, "jobs", 1) or 1), len(jobs)))
     rows: List[Optional[Dict[str, Any]]] = [None] * len(jobs)
     jobs_started = time.time()
+
+    def reusable_baseline(method: str, seed: int) -> Any:
+        """The JT of --radius auto, when it is the selection's baseline (same data, config and seed), else True."""
+        return jt_models.get(seed, True) if method == "crmt-jt" else True
 
     def finished(index: int, row: Dict[str, Any]) -> None:
         rows[index] = row
@@ -267,14 +277,16 @@ def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any
         for index, (method, seed) in enumerate(progress_bar(jobs, desc="crmt-benchmark", unit="run") if show
                                                else jobs):
             finished(index, _one_job(method, seed, spec, data=data, trained=jt_models.get(seed) if method == "jt"
-                                     else None, epoch_bar=epoch_bar(method, seed)))
+                                     else None, epoch_bar=epoch_bar(method, seed),
+                                     baseline=reusable_baseline(method, seed)))
     else:  # independent jobs in parallel processes, one torch thread each (the same rows as --jobs 1 --threads 1)
         import concurrent.futures
         import multiprocessing
 
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_one_job, method, seed, spec, trained=jt_models.get(seed) if method == "jt"
-                                   else None): index for index, (method, seed) in enumerate(jobs)}
+                                   else None, baseline=reusable_baseline(method, seed)): index
+                       for index, (method, seed) in enumerate(jobs)}
             done = concurrent.futures.as_completed(futures)
             for future in (progress_bar(done, total=len(jobs), desc="crmt-benchmark", unit="run") if show else done):
                 finished(futures[future], future.result())
@@ -295,6 +307,7 @@ def run(args: argparse.Namespace, command: str = "", log=print) -> Dict[str, Any
         "eval_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(eval_cfg).items()},
         "quick": bool(args.quick),
         "select": list(args.select_candidates) if args.select else None,
+        "select_baseline": bool(args.select and args.select_baseline),
         "command": command,
         "seconds": time.time() - started,
         "cpu_seconds": time.process_time(),  # this process's CPU time (all its threads), load-independent

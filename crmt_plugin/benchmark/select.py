@@ -1,38 +1,49 @@
-"""``crmt-benchmark --select``: each CRMT recipe's rho chosen on the validation split, among candidates with 0.
+"""``crmt-benchmark --select``: each CRMT recipe's rho chosen on the validation split, with the baseline as fallback.
 
-For a CRMT method and a seed, :func:`train_selected` trains the recipe once per candidate rho (the same seed, so
-the candidates differ only by rho), scores each trained model on the validation split with
-:func:`crmt_plugin.selection.validation_scores` (clean, a shortened strong attack on all modalities and on each
-alone at the run's radius, each modality missing), and keeps the one :func:`crmt_plugin.selection.select_rho`
-chooses: the most robust candidate whose clean validation accuracy is within the tolerance of ``rho = 0``. The
-test split is never looked at. The chosen model is then evaluated like every other row.
+For a CRMT method and a seed, :func:`train_selected` trains the recipe's baseline (``jt`` for ``crmt-jt``,
+``pgd-at`` for ``crmt-at``, ``trades`` for ``crmt-trades``, ``mixup`` for ``crmt-mix``: :data:`BASELINE_OF`) and
+the recipe once per candidate rho (the same seed, so the candidates differ only by rho), scores each trained model
+on the validation split with :func:`crmt_plugin.selection.validation_scores` (clean, a shortened strong attack on
+all modalities and on each alone at the run's radius, each modality missing), and keeps the one
+:func:`crmt_plugin.selection.select_rho` chooses: the most robust of the baseline and the candidates whose clean
+validation accuracy is within the tolerance of the baseline's. When the baseline is chosen the row is the baseline's
+model (``rho`` None in ``results.json``): CRMT did not help on that seed's validation split. ``baseline=False``
+(``crmt-benchmark --no-select-baseline``) measures the tolerance from ``rho = 0`` instead and never falls back.
+The test split is never looked at. The chosen model is then evaluated like every other row.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from ..errors import CRMTError
 from ..selection import DEFAULT_CANDIDATES, DEFAULT_CLEAN_TOLERANCE, select_rho, validation_scores
 from .data import BenchmarkData, batch_list
-from .recipes import TrainConfig, Trained, train
+from .recipes import PAIRS, TrainConfig, Trained, train
 
-__all__ = ["SELECTABLE", "train_selected"]
+__all__ = ["SELECTABLE", "BASELINE_OF", "train_selected"]
 
 # the recipes whose rho is a free choice (the paper's recipe is the paper's rho = 2)
 SELECTABLE = ("crmt-jt", "crmt-at", "crmt-trades", "crmt-mix")
+# each selectable recipe's baseline: the selection's reference and fallback
+# (the first pair of PAIRS that has the recipe as its variant: crmt-jt's is jt, not paper-crmt-jt)
+BASELINE_OF = {variant: next(b for b, v in PAIRS if v == variant) for variant in SELECTABLE}
 
 
 def train_selected(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, radius: float, *,
                    candidates: Sequence[float] = DEFAULT_CANDIDATES,
                    clean_tolerance: float = DEFAULT_CLEAN_TOLERANCE,
-                   device: torch.device = torch.device("cpu"),
+                   baseline: Union[bool, Trained] = True, device: torch.device = torch.device("cpu"),
                    epoch_bar: Optional[Callable[[range], Any]] = None, max_val: int = 500) -> Trained:
-    """Train ``method`` once per candidate rho and return the chosen :class:`Trained`, with ``.selection``
-    (the candidates' validation scores) and ``.rho`` set. Methods outside :data:`SELECTABLE` train once."""
+    """Train ``method`` once per candidate rho (and its baseline, unless ``baseline=False``) and return the chosen
+    :class:`Trained`, with ``.selection`` (the candidates' validation scores and the chosen ``rho``, None for the
+    baseline) set; a chosen baseline comes back under ``method``'s name. ``baseline`` may be the baseline already
+    trained with the same data, config and seed (``crmt-benchmark`` reuses the JT of ``--radius auto``). Methods
+    outside :data:`SELECTABLE` train once."""
     if method not in SELECTABLE:
         return train(method, data, cfg, seed, device=device, epoch_bar=epoch_bar)
     val_x, val_y = data.part("validation")
@@ -56,8 +67,19 @@ def train_selected(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int
         seconds["score"] += time.time() - started
         return result
 
+    def fit_baseline() -> Trained:
+        if isinstance(baseline, Trained):
+            if baseline.method != BASELINE_OF[method] or baseline.seed != seed:
+                raise CRMTError(f"train_selected: the baseline of {method} seed {seed} is "
+                                f"{BASELINE_OF[method]} seed {seed}, found {baseline.method} seed {baseline.seed}")
+            trained = baseline
+        else:
+            trained = train(BASELINE_OF[method], data, cfg, seed, device=device, epoch_bar=epoch_bar)
+        seconds["train"] += trained.train_seconds
+        return dataclasses.replace(trained, method=method)
+
     chosen = select_rho(fit, loader, radius=radius, candidates=candidates, clean_tolerance=clean_tolerance,
-                        score=score)
+                        score=score, baseline=None if baseline is False else fit_baseline)
     trained = chosen.model
     trained.selection = {"rho": chosen.rho, "reference_clean": chosen.reference_clean, "candidates": chosen.table,
                          "clean_tolerance": clean_tolerance, "train_seconds_all": seconds["train"],
