@@ -2,9 +2,11 @@
 cleared: a training step), the same head with W~ from a Cholesky-QR autograd Function (float64 Gram,
 the QR's backward formula), the QR alone and the Cholesky-QR alone, against the reference's per-row
 loop (``ReferenceHead`` of benchmarks/bench_head.py). K = 31, d = 512 x 2, B = 64, one thread; medians
-of process CPU time over 30 interleaved rounds of 5 calls.
+of process CPU time over 30 interleaved rounds of 5 calls. Two lower bounds for an eager head: the whole
+head as one autograd Function on stacked parameters (batched QR, the backward written out) and the same
+head as four plain operators; ``--compile`` adds the latter under ``torch.compile`` (needs a C++ compiler).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_head_small_k.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_head_small_k.py [--compile]
 """
 
 from __future__ import annotations
@@ -44,7 +46,50 @@ class CholeskyQR(torch.autograd.Function):
         return torch.linalg.solve_triangular(r.mT, rhs, upper=False, left=False).mT
 
 
+class FusedBatchedHead(torch.autograd.Function):
+    """The whole head (equal widths) as one autograd Function: one batched QR of the stacked V (M, K, d) in the
+    forward, one batched matmul for the M uni-modal logits, and the backward written out (the QR's formula,
+    batched): the fewest operators and autograd nodes an eager implementation can have. Inputs: x (B, M d),
+    a (M, K), bias (K,), V (M, K, d); outputs: fused (B, K), z (M, B, K)."""
+
+    @staticmethod
+    def forward(ctx, x, a, bias, v):
+        m, _, d = v.shape
+        q, r = torch.linalg.qr(v.mT)
+        signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) >= 0, 1.0, -1.0)
+        w = (q * signs[:, None, :]).mT  # (M, K, d)
+        xs = x.view(x.shape[0], m, d).transpose(0, 1)  # (M, B, d)
+        z = torch.bmm(xs, w.mT)  # (M, B, K)
+        ctx.save_for_backward(xs, a, w, r * signs[:, :, None], z)
+        return bias + (a[:, None, :] * z).sum(0), z
+
+    @staticmethod
+    def backward(ctx, grad_fused, grad_z):
+        xs, a, w, r, z = ctx.saved_tensors
+        g = grad_fused.unsqueeze(0) * a[:, None, :]
+        if grad_z is not None:
+            g = g + grad_z
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(g, w).transpose(0, 1).reshape(grad_fused.shape[0], -1)
+        grad_w = torch.bmm(g.mT, xs)
+        mm = torch.bmm(grad_w, w.mT)
+        rhs = torch.baddbmm(grad_w, mm.tril() + mm.tril(-1).mT, w, alpha=-1)
+        grad_v = torch.linalg.solve_triangular(r, rhs, upper=True, left=True)
+        return grad_x, (grad_fused.unsqueeze(0) * z).sum(1), grad_fused.sum(0), grad_v
+
+
+def functional_head(x, v, alpha, bias):
+    """The head as four plain operators on stacked parameters (autograd differentiates the QR)."""
+    q, r = torch.linalg.qr(v.mT)
+    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) >= 0, 1.0, -1.0)
+    w = (q * signs[:, None, :]).mT
+    z = torch.einsum("bmd,mkd->mbk", x.view(x.shape[0], v.shape[0], v.shape[2]), w)
+    return bias + (F.softplus(alpha)[:, None, :] * z).sum(0), z
+
+
 def main() -> None:
+    compiled = "--compile" in sys.argv  # torch.compile needs a C++ compiler; opt-in
     torch.set_num_threads(1)
     k, d, b = 31, 512, 64
     torch.manual_seed(0)
@@ -85,8 +130,25 @@ def main() -> None:
         for n in head.widths:
             CholeskyQR.apply(head.directions[n]).sum().backward()
 
+    stacked_v = torch.nn.Parameter(torch.stack([head.directions[n].detach() for n in head.widths]))
+    stacked_alpha = torch.nn.Parameter(torch.stack([head.integration[n].detach() for n in head.widths]))
+    bias = torch.nn.Parameter(head.bias.detach().clone())
+
+    def stacked_step(forward):
+        def run():
+            fused, z = forward(x, stacked_v, stacked_alpha, bias)
+            (F.cross_entropy(fused, y) + z.mean(dim=(1, 2)).sum()).backward()
+            stacked_v.grad = stacked_alpha.grad = bias.grad = None
+        return run
+
+    def fused_forward(x, v, alpha, b):
+        return FusedBatchedHead.apply(x, F.softplus(alpha), b, v)
+
     fns = {"reference": run_reference, "CRMT head": run_head, "head with Cholesky-QR": run_cholesky_head,
-           "QR alone": run_qr, "Cholesky-QR alone": run_cholesky}
+           "QR alone": run_qr, "Cholesky-QR alone": run_cholesky,
+           "fused batched Function": stacked_step(fused_forward), "functional, batched": stacked_step(functional_head)}
+    if compiled:
+        fns["functional, torch.compile"] = stacked_step(torch.compile(functional_head))
     for fn in fns.values():
         for _ in range(5):
             fn()
@@ -104,6 +166,14 @@ def main() -> None:
     print(f"bound with a free orthonormalisation: reference / (head - QR) = {med['reference'] / free:.1f}x")
     w = head.unimodal_weight("audio")
     print(f"Cholesky-QR vs QR, max |W~ difference|: {(w - CholeskyQR.apply(head.directions['audio'])).abs().max():.2e}")
+    # the fused Function's gradients against autograd through the plain functional head
+    grads = []
+    for forward in (fused_forward, functional_head):
+        fused, z = forward(x, stacked_v, stacked_alpha, bias)
+        loss = F.cross_entropy(fused, y) + z.mean(dim=(1, 2)).sum()
+        grads.append(torch.autograd.grad(loss, [stacked_v, stacked_alpha, bias]))
+    worst = max(float((g1 - g2).abs().max() / g2.abs().max()) for g1, g2 in zip(*grads))
+    print(f"fused batched Function vs autograd, max relative gradient difference: {worst:.1e}")
 
 
 if __name__ == "__main__":

@@ -124,3 +124,36 @@ def test_certification_figure_script_runs_on_a_quick_run(tmp_path, capsys, monke
     printed = capsys.readouterr().out
     assert (tmp_path / "fig.png").stat().st_size > 0
     assert "| crmt-lip (r=0.5) | sound | joint |" in printed and "| lip-jt (r=0.5) | empirical | a |" in printed
+
+
+def vector_file(path, seed=0):
+    g = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), 30)
+    a = g.normal(size=(len(y), 4)) + y[:, None] * 1.5
+    b = g.normal(size=(len(y), 3)) + y[:, None] * 0.7
+    np.savez(path, x_a=a.astype(np.float32), x_b=b.astype(np.float32), y=y)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["lip-jt", "crmt-lip"])
+def test_epoch_selection_uses_the_sound_certificate_of_the_evaluation(tmp_path, method):
+    """lip-jt / crmt-lip keep the epoch with the best validation sound certified accuracy at the training radius,
+    and that figure is the evaluation's own sound joint certificate (sound_summary) for either head."""
+    from crmt_plugin.benchmark.lipschitz_models import sound_certified_accuracy
+    from crmt_plugin.benchmark.sound_certificates import sound_summary
+
+    data = load_npz(vector_file(tmp_path / "v.npz"))
+    trained = train(method, data, TrainConfig(epochs=4, min_steps=0, batch_size=16, train_eps=0.3), seed=0)
+    scores = [h["val_certified_sound"] for h in trained.history]
+    assert trained.best_val == max(scores) and scores[trained.best_epoch - 1] == max(scores)
+    assert scores.index(max(scores)) <= trained.best_epoch - 1  # ties: a later epoch only with a lower loss
+    wrapper = trained.crmt if trained.crmt is not None else certifiable_copy(trained.model)
+    lip = sound_constants(wrapper.model, data)
+    x, y = data.part("test")
+    for radius in (0.0, 0.1, 0.3, 1.0):
+        expected = sound_summary(wrapper, lip, x, y, radius)["certified_sound"]
+        assert sound_certified_accuracy(trained.model, x, y, radius) == pytest.approx(expected, abs=1e-9), radius
+    assert sound_certified_accuracy(trained.model, x, y, 0.0) <= 1.0
+    train_modes = [m.training for m in trained.model.modules()]
+    sound_certified_accuracy(trained.model, x, y, 0.3)
+    assert [m.training for m in trained.model.modules()] == train_modes

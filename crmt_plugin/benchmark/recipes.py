@@ -46,7 +46,8 @@ from ..errors import CRMTError
 from ..loss import crmt_loss
 from ..wrapper import CRMTWrapper
 from .data import BenchmarkData, batch_list, batches, standardization
-from .lipschitz_models import LIPSCHITZ_METHODS, lipschitz_loss, lipschitz_model, sound_constants
+from .lipschitz_models import (LIPSCHITZ_METHODS, lipschitz_loss, lipschitz_model, sound_certified_accuracy,
+                               sound_constants)
 from .models import ENCODER_FAMILIES, BenchmarkNet, FrozenEncoder, build_model, encoder_for
 
 __all__ = ["METHODS", "PAIRS", "CRMT_METHODS", "INTEGRATION_INIT", "TrainConfig", "Trained", "train",
@@ -523,7 +524,11 @@ def train(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int, *, devi
         val, val_loss = accuracy_and_loss(model, val_x, val_y)
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_accuracy": val,
                         "val_loss": val_loss})
-        selection.update(model, val, val_loss)
+        if method in LIPSCHITZ_METHODS:  # certified training: keep the epoch that certifies most (lipschitz_models)
+            history[-1]["val_certified_sound"] = sound_certified_accuracy(model, val_x, val_y, cfg.train_eps)
+            selection.update(model, history[-1]["val_certified_sound"], val_loss)
+        else:
+            selection.update(model, val, val_loss)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val:.3f}", best=f"{selection.best_val:.3f}")
     selection.restore(model)
