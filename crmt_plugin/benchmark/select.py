@@ -71,7 +71,8 @@ def train_selected(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int
         if isinstance(baseline, Trained):
             if baseline.method != BASELINE_OF[method] or baseline.seed != seed:
                 raise CRMTError(f"train_selected: the baseline of {method} seed {seed} is "
-                                f"{BASELINE_OF[method]} seed {seed}, found {baseline.method} seed {baseline.seed}")
+                                f"{BASELINE_OF[method]} seed {seed}, found {baseline.method} seed {baseline.seed}; "
+                                "pass that model, or baseline=True to train it")
             trained = baseline
         else:
             trained = train(BASELINE_OF[method], data, cfg, seed, device=device, epoch_bar=epoch_bar)
