@@ -85,8 +85,9 @@ GROUPS = (("tuning", "the data sets the defaults were chosen on"),
           ("held-out views", "mfeat view combinations never used to choose a default (added after the defaults "
                              "of 2026-12-02 were fixed, run once)"),
           ("held-out families", "data from other sources than AV digits and mfeat, never used to choose a default; "
-                                "exception: the missing-fill term's plausibility rule came from a BasicMotions "
-                                "diagnosis, see the notes below"),
+                                "exceptions: the missing-fill term's plausibility rule came from a BasicMotions "
+                                "diagnosis, and the selection's baseline reference from segment's (and fou-zer's) "
+                                "clean losses, see the notes below"),
           ("user encoders", "LayerNorm/GELU/dropout and frozen pretrained encoders instead of the BatchNorm ones"))
 
 
