@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..certified_loss import certified_loss, lipschitz_margin_loss, pairwise_denominators
+from ..certify import radii_from_margins
 from ..errors import CRMTError
 from ..lipschitz import LipschitzConstants
 from ..lipschitz_layers import AOLConv1d, AOLConv2d, AOLLinear, MaxMin, ModalityScale
@@ -201,17 +202,15 @@ def sound_certified_accuracy(model: BenchmarkNet, inputs: Mapping[str, Tensor], 
         head = model.fusion
         weight = head.fused_weight() if hasattr(head, "fused_weight") else head.weight
         pair = pairwise_denominators(weight, model.feature_dims, lipschitz)            # (M, K, K)
-        joint = pair.pow(2).sum(dim=0).clamp_min(torch.finfo(pair.dtype).tiny).sqrt()  # (K, K)
         certified, total = 0, int(y.shape[0])
         for start in range(0, total, batch_size):
             xb = {n: t[start:start + batch_size] for n, t in inputs.items()}
             yb = y[start:start + batch_size]
             logits = model(**xb)
             margins = logits.gather(1, yb.unsqueeze(1)) - logits                       # (B, K)
-            ratio = margins / joint[yb]
-            ratio = torch.where(torch.nn.functional.one_hot(yb, logits.shape[1]).bool(), torch.inf, ratio)
-            worst = ratio.amin(dim=1)
-            certified += int(((worst > 0) & (worst >= radius)).sum())   # correct (every margin > 0) and far enough
+            correct = (margins > 0).logical_or(torch.nn.functional.one_hot(yb, logits.shape[1]).bool()).all(dim=1)
+            joint, _ = radii_from_margins(margins, pair[:, yb].transpose(0, 1), correct, yb)   # (B,), 0 where wrong
+            certified += int((correct & (joint >= radius)).sum())
     finally:
         for m, t in saved:
             m.training = t
