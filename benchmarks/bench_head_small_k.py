@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from bench_head import ReferenceHead  # noqa: E402
-from crmt_plugin.head import CRMTHead  # noqa: E402
+from crmt_plugin.head import CRMTHead, orthonormalize_rows  # noqa: E402
 
 
 class CholeskyQR(torch.autograd.Function):
@@ -81,9 +81,7 @@ class FusedBatchedHead(torch.autograd.Function):
 
 def functional_head(x, v, alpha, bias):
     """The head as four plain operators on stacked parameters (autograd differentiates the QR)."""
-    q, r = torch.linalg.qr(v.mT)
-    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) >= 0, 1.0, -1.0)
-    w = (q * signs[:, None, :]).mT
+    w = orthonormalize_rows(v)  # (M, K, d): the head's own map, batched over modalities
     z = torch.einsum("bmd,mkd->mbk", x.view(x.shape[0], v.shape[0], v.shape[2]), w)
     return bias + (F.softplus(alpha)[:, None, :] * z).sum(0), z
 

@@ -365,8 +365,10 @@ def test_select_reuses_a_given_baseline_and_checks_it(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=1, min_steps=0, batch_size=8, train_eps=0.5)
     jt = train("jt", data, cfg, seed=0)
     monkeypatch.setattr(select_module, "validation_scores", lambda *a, **k: {"clean": 0.9, "mean_robust": 0.5})
+    jt.train_seconds = 1e6  # a reused baseline costs the selection no training time
     trained = select_module.train_selected("crmt-jt", data, cfg, seed=0, radius=0.5, candidates=(0.0,), baseline=jt)
     assert trained.selection["rho"] is None and trained.model is jt.model  # ties go to the baseline
+    assert 0 < trained.selection["train_seconds_all"] < 1e6
     with pytest.raises(CRMTError, match="baseline of crmt-jt seed 1"):
         select_module.train_selected("crmt-jt", data, cfg, seed=1, radius=0.5, candidates=(0.0,), baseline=jt)
 

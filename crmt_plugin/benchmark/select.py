@@ -73,10 +73,10 @@ def train_selected(method: str, data: BenchmarkData, cfg: TrainConfig, seed: int
                 raise CRMTError(f"train_selected: the baseline of {method} seed {seed} is "
                                 f"{BASELINE_OF[method]} seed {seed}, found {baseline.method} seed {baseline.seed}; "
                                 "pass that model, or baseline=True to train it")
-            trained = baseline
+            trained = baseline  # already trained: costs this selection nothing
         else:
             trained = train(BASELINE_OF[method], data, cfg, seed, device=device, epoch_bar=epoch_bar)
-        seconds["train"] += trained.train_seconds
+            seconds["train"] += trained.train_seconds
         return dataclasses.replace(trained, method=method)
 
     chosen = select_rho(fit, loader, radius=radius, candidates=candidates, clean_tolerance=clean_tolerance,
